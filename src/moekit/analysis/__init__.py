@@ -1,0 +1,1 @@
+"""Routing statistics, plots and reports."""

@@ -1,0 +1,172 @@
+"""MoEConfig: every knob of one MoE layer, validated when it is built.
+
+Variants are chosen by name (router, dispatch, expert, expert_backend) from the
+registries in `moe/router`, `moe/dispatch` and `moe/experts`; an unknown name is
+rejected here with the list of valid ones, never deep inside forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"MoEConfig.{field_name}={value!r} is invalid: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    # --- shapes
+    d_model: int = 256
+    num_experts: int = 8
+    top_k: int = 2
+    d_ff: int = 512  # hidden width of one routed expert (F)
+
+    # --- 1 route
+    router: str = "topk_softmax"
+    # topk_softmax: softmax over all experts then top-k ("before", Switch/GShard/Mixtral),
+    # or top-k of the logits then softmax over the k ("after", GPT-OSS).
+    softmax_order: str = "before"
+    normalize_topk: bool = True  # renormalise the k weights to sum to 1 (Mixtral; not Qwen2-MoE)
+    jitter_eps: float = 0.0  # Switch (Fedus et al. 2021 §2.4): x *= U(1-eps, 1+eps) in training
+    router_bias: bool = False  # a bias on the router projection (GPT-OSS)
+    n_group: int = 1  # topk_sigmoid: DeepSeek-V3 group-limited routing
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    noise_eps: float = 1e-2  # noisy_topk: floor of the learned noise std (Shazeer 2017)
+    router_options: dict[str, Any] = field(default_factory=dict)  # variant-specific extras
+
+    # --- 2 dispatch
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25  # capacity = ceil(CF * T * K / E) (GShard §2.2)
+    drop_policy: str = "position"  # "position" (earlier slots first) or "probability"
+
+    # --- 3 experts
+    expert: str = "swiglu"
+    expert_backend: str = "grouped"  # "grouped" (fast, chunked) or "loop" (reference oracle)
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None  # width of each shared expert; default d_ff
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid(x·w) scales the shared expert's output
+    init_std: float = 0.02
+
+    # --- balance (each loss has its own coefficient; aux_loss is their weighted sum)
+    aux_loss_coef: float = 0.0  # Switch/GShard f·P
+    cv2_loss_coef: float = 0.0  # Shazeer 2017 importance + load CV²
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
+    bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free bias step γ
+
+    def __post_init__(self) -> None:
+        for check in (_check_shapes, _check_router, _check_dispatch, _check_experts, _check_coefs):
+            check(self)
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def capacity_per_token_slot(self) -> float:
+        return self.capacity_factor * self.top_k / self.num_experts
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"MoEConfig: unknown field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def _positive_int(cfg: MoEConfig, name: str) -> None:
+    v = getattr(cfg, name)
+    if not _is_int(v) or v <= 0:
+        raise _bad(name, v, "must be a positive integer")
+
+
+def _check_shapes(cfg: MoEConfig) -> None:
+    for name in ("d_model", "num_experts", "d_ff"):
+        _positive_int(cfg, name)
+    if not _is_int(cfg.top_k) or cfg.top_k <= 0:
+        raise _bad("top_k", cfg.top_k, "must be a positive integer")
+    if cfg.top_k > cfg.num_experts:
+        raise _bad("top_k", cfg.top_k, f"must be <= num_experts ({cfg.num_experts})")
+
+
+def _check_router(cfg: MoEConfig) -> None:
+    from moekit.moe.router import ROUTERS
+
+    if cfg.router not in ROUTERS:
+        raise _bad("router", cfg.router, f"valid: {', '.join(ROUTERS.names())}")
+    if cfg.softmax_order not in ("before", "after"):
+        raise _bad("softmax_order", cfg.softmax_order, "valid: 'before', 'after'")
+    for name in ("normalize_topk", "router_bias", "shared_gate"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise _bad(name, getattr(cfg, name), "must be True or False")
+    if not _is_num(cfg.jitter_eps) or not 0.0 <= cfg.jitter_eps < 1.0:
+        raise _bad("jitter_eps", cfg.jitter_eps, "must be in [0, 1)")
+    if not _is_int(cfg.n_group) or cfg.n_group <= 0 or cfg.num_experts % cfg.n_group:
+        raise _bad("n_group", cfg.n_group, f"must be a positive divisor of num_experts ({cfg.num_experts})")
+    if not _is_int(cfg.topk_group) or not 1 <= cfg.topk_group <= cfg.n_group:
+        raise _bad("topk_group", cfg.topk_group, f"must be in [1, n_group={cfg.n_group}]")
+    if cfg.n_group > 1 and cfg.top_k > cfg.topk_group * (cfg.num_experts // cfg.n_group):
+        raise _bad(
+            "top_k", cfg.top_k,
+            f"must be <= topk_group * experts per group ({cfg.topk_group * (cfg.num_experts // cfg.n_group)})",
+        )
+    if cfg.n_group > 1 and cfg.num_experts // cfg.n_group < 2:
+        raise _bad("n_group", cfg.n_group, "each group needs at least 2 experts (group score = top-2 sum)")
+    if not _is_num(cfg.routed_scaling_factor) or cfg.routed_scaling_factor <= 0:
+        raise _bad("routed_scaling_factor", cfg.routed_scaling_factor, "must be a finite number > 0")
+    if not _is_num(cfg.noise_eps) or cfg.noise_eps < 0:
+        raise _bad("noise_eps", cfg.noise_eps, "must be a finite number >= 0")
+    if not isinstance(cfg.router_options, dict):
+        raise _bad("router_options", cfg.router_options, "must be a dict")
+    ROUTERS.get(cfg.router).check_config(cfg)
+
+
+def _check_dispatch(cfg: MoEConfig) -> None:
+    from moekit.moe.dispatch import DISPATCHERS
+
+    if cfg.dispatch not in DISPATCHERS:
+        raise _bad("dispatch", cfg.dispatch, f"valid: {', '.join(DISPATCHERS.names())}")
+    if not _is_num(cfg.capacity_factor) or cfg.capacity_factor <= 0:
+        raise _bad("capacity_factor", cfg.capacity_factor, "must be a finite number > 0")
+    if cfg.drop_policy not in ("position", "probability"):
+        raise _bad("drop_policy", cfg.drop_policy, "valid: 'position', 'probability'")
+
+
+def _check_experts(cfg: MoEConfig) -> None:
+    from moekit.moe.experts import ACTIVATIONS, BACKENDS
+
+    if cfg.expert not in ACTIVATIONS:
+        raise _bad("expert", cfg.expert, f"valid: {', '.join(ACTIVATIONS.names())}")
+    if cfg.expert_backend not in BACKENDS:
+        raise _bad("expert_backend", cfg.expert_backend, f"valid: {', '.join(BACKENDS.names())}")
+    if not _is_int(cfg.num_shared_experts) or cfg.num_shared_experts < 0:
+        raise _bad("num_shared_experts", cfg.num_shared_experts, "must be an integer >= 0")
+    if cfg.shared_d_ff is not None and (not _is_int(cfg.shared_d_ff) or cfg.shared_d_ff <= 0):
+        raise _bad("shared_d_ff", cfg.shared_d_ff, "must be a positive integer or None (= d_ff)")
+    if cfg.shared_gate and cfg.num_shared_experts == 0:
+        raise _bad("shared_gate", cfg.shared_gate, "needs num_shared_experts >= 1")
+    if not _is_num(cfg.init_std) or cfg.init_std <= 0:
+        raise _bad("init_std", cfg.init_std, "must be a finite number > 0")
+
+
+def _check_coefs(cfg: MoEConfig) -> None:
+    for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):
+        v = getattr(cfg, name)
+        if not _is_num(v) or v < 0:
+            raise _bad(name, v, "must be a finite number >= 0")

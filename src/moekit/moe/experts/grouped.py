@@ -1,0 +1,138 @@
+"""The fast expert path: gather -> grouped matmul -> activation -> grouped matmul ->
+weighted scatter-add, fused in one autograd Function and walked in row chunks.
+
+Why chunks: every temporary of the obvious version (x_RD, h_RN, out_RD) is R rows
+long; on CPU each one past glibc's 32 MiB mmap threshold is a fresh mapping whose
+pages fault in on first touch, which cost 15-19% of the fine config (BENCHMARKS.md).
+Walking the expert-sorted rows in chunks of about CHUNK_BYTES keeps every temporary
+small and reused, and the gather/scatter of a chunk stays in cache. One chunk covers
+whole experts where it can; a big expert is split over several chunks.
+
+Why a hand-written backward: autograd on the obvious graph keeps x_RD, h_RN, a_RF and
+out_RD alive. Here only h_RN (the pre-activation) is saved. The gradient of the routing
+weights needs <dy_t, out_r>; since out_r = a_r W_outᵀ, it equals <dy_t W_out, a_r>, and
+dy_t W_out is the product backward computes anyway, so out_RD is never stored.
+
+Per-expert GEMMs run as torch.mm with out= slices of the chunk buffers: on CPU torch's
+grouped_mm is itself a loop of mm and measured slower at these sizes (it allocates
+the whole output at once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.moe.experts.activations import ACTIVATIONS, Activation
+from moekit.moe.types import DispatchPlan
+
+CHUNK_BYTES = 8 * 2**20
+
+Segments = list[tuple[int, int, int]]  # (expert, row start, row end) inside a chunk
+
+
+def plan_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, Segments]]:
+    """Split expert-sorted rows into chunks of at most max_rows rows."""
+    chunks: list[tuple[int, int, Segments]] = []
+    segs: Segments = []
+    r0 = n = 0
+    for e, c in enumerate(counts):
+        while c > 0:
+            take = min(c, max_rows - n)
+            segs.append((e, n, n + take))
+            n, c = n + take, c - take
+            if n == max_rows:
+                chunks.append((r0, r0 + n, segs))
+                r0, n, segs = r0 + n, 0, []
+    if n:
+        chunks.append((r0, r0 + n, segs))
+    return chunks
+
+
+def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
+    if x.is_cuda:  # the mmap-threshold argument is a CPU one; fewer, larger GEMMs on GPU
+        return 1 << 30
+    return max(64, CHUNK_BYTES // (x.element_size() * max(n_in, x.shape[-1])))
+
+
+def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tensor, transpose: bool):
+    for e, s, t in segs:
+        torch.mm(a[s:t], w_E[e].t() if transpose else w_E[e], out=out[s:t])
+
+
+class _GroupedFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, counts, act_name):
+        act: Activation = ACTIVATIONS.get(act_name)
+        T, D = x_TD.shape
+        N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
+        chunks = plan_chunks(counts, _rows_per_chunk(x_TD, N))
+        w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
+        y_TD = x_TD.new_zeros(T, D)
+        hs = []
+        for r0, r1, segs in chunks:
+            tok = token_idx_R[r0:r1]
+            h_nN = x_TD.new_empty(r1 - r0, N)
+            _seg_mm(x_TD.index_select(0, tok), w_in_END, segs, h_nN, transpose=True)
+            o_nD = x_TD.new_empty(r1 - r0, D)
+            _seg_mm(act.fwd(h_nN), w_out_EDF, segs, o_nD, transpose=True)
+            y_TD.index_add_(0, tok, o_nD.mul_(w_R1[r0:r1]))
+            hs.append(h_nN)
+        ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R)
+        ctx.hs, ctx.chunks, ctx.act, ctx.num_experts = hs, chunks, act, len(counts)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R = ctx.saved_tensors
+        act: Activation = ctx.act
+        need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
+        dy_TD = dy_TD.contiguous()
+        Fh = w_out_EDF.shape[2]
+        dx_TD = torch.zeros_like(x_TD) if need_x else None
+        dw_in = torch.empty_like(w_in_END) if need_win else None
+        dw_out = torch.empty_like(w_out_EDF) if need_wout else None
+        dweights_R = torch.empty(weights_R.shape, dtype=x_TD.dtype, device=x_TD.device)
+        # first write per expert is mm(out=), later ones addmm_: no zero-filled weight grads
+        touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts
+        w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
+        for (r0, r1, segs), h_nN in zip(ctx.chunks, ctx.hs):
+            tok = token_idx_R[r0:r1]
+            dy_nD = dy_TD.index_select(0, tok)
+            u_nF = x_TD.new_empty(r1 - r0, Fh)  # dy · W_out: d(out)/d(a) before the weight
+            _seg_mm(dy_nD, w_out_EDF, segs, u_nF, transpose=False)
+            a_nF = act.fwd(h_nN)
+            dweights_R[r0:r1] = (u_nF * a_nF).sum(-1)
+            wr = w_R1[r0:r1]
+            if need_wout:
+                _accumulate_wgrad(dw_out, dy_nD, a_nF.mul_(wr), segs, touched_out)
+            dh_nN = act.bwd(h_nN, u_nF.mul_(wr))
+            if need_win:
+                _accumulate_wgrad(dw_in, dh_nN, x_TD.index_select(0, tok), segs, touched_in)
+            if need_x:
+                dx_nD = x_TD.new_empty(r1 - r0, x_TD.shape[1])
+                _seg_mm(dh_nN, w_in_END, segs, dx_nD, transpose=False)
+                dx_TD.index_add_(0, tok, dx_nD)
+        for g, touched in ((dw_in, touched_in), (dw_out, touched_out)):
+            if g is not None:  # experts that got no rows have zero gradient
+                for e in (e for e, hit in enumerate(touched) if not hit):
+                    g[e].zero_()
+        ctx.hs = None
+        dw = dweights_R.to(weights_R.dtype) if need_w else None
+        return dx_TD, dw_in, dw_out, dw, None, None, None
+
+
+def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched):
+    """dw_E[e] (A, B) += left[rows of e]ᵀ · right[rows of e]."""
+    for e, s, t in segs:
+        if touched[e]:
+            dw_E[e].addmm_(left_nA[s:t].t(), right_nB[s:t])
+        else:
+            torch.mm(left_nA[s:t].t(), right_nB[s:t], out=dw_E[e])
+            touched[e] = True
+
+
+def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tensor,
+                    w_out_EDF: torch.Tensor, act: Activation) -> torch.Tensor:
+    counts = plan.counts_E.tolist()  # host copy: chunk boundaries are planned on the host
+    return _GroupedFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R,
+                             counts, act.name)

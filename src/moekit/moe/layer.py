@@ -1,0 +1,76 @@
+"""MoELayer: route -> dispatch -> experts -> combine, plus shared experts and balance.
+
+    x_TD ──1 route───▶ Routing(expert_ids_TK, weights_TK, logits_TE, probs_TE)
+         ──2 dispatch─▶ DispatchPlan(token_idx_R sorted by expert, weights_R, counts_E)
+         ──3 experts──▶ ┐ fused in the "grouped" backend: gather, grouped GEMMs,
+         ──4 combine──▶ ┘ weighted scatter-add back to y_TD
+         (+ shared experts on x_TD)
+    side path: balance(Routing) -> aux_loss, losses; routing_stats -> stats
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.moe.balance import cv2_loss, routing_stats, router_z_loss, seq_aux_loss, switch_aux_loss
+from moekit.moe.config import MoEConfig
+from moekit.moe.dispatch import DISPATCHERS
+from moekit.moe.experts import ExpertBank, SharedExperts
+from moekit.moe.router import build_router
+from moekit.moe.types import MoEOutput, Routing
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.dispatch = DISPATCHERS.get(cfg.dispatch)
+        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.expert,
+                                  cfg.expert_backend, cfg.init_std)
+        self.shared = None
+        if cfg.num_shared_experts:
+            self.shared = SharedExperts(cfg.d_model, cfg.shared_d_ff or cfg.d_ff, cfg.num_shared_experts,
+                                        cfg.expert, cfg.shared_gate, cfg.init_std)
+
+    def forward(self, x: torch.Tensor, *, token_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> MoEOutput:
+        """x (..., D) -> MoEOutput(y (..., D), aux_loss, losses, stats).
+
+        token_ids (...): token ids for routers that use them (hash routing).
+        mask (...): True for real tokens; padding is left out of the balance losses.
+        """
+        x_TD = self._flatten(x)
+        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
+        routing = self.router(x_TD, token_ids_T)  # 1 route
+        plan = self.dispatch(routing, self.cfg)  # 2 dispatch
+        y_TD = self.experts(x_TD, plan)  # 3 experts + 4 combine
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        losses = self._balance_losses(routing, tuple(x.shape[:-1]), mask)
+        aux = sum((coef * losses[name] for name, coef in self._coefs() if coef > 0),
+                  start=x_TD.new_zeros((), dtype=torch.float32))
+        return MoEOutput(y_TD.view(x.shape), aux, losses, routing_stats(routing, plan))
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        D = self.cfg.d_model
+        if x.dim() == 0 or x.shape[-1] != D:
+            raise ValueError(f"MoELayer: input of shape {tuple(x.shape)} has last dim "
+                             f"{x.shape[-1] if x.dim() else None}; expected d_model={D}")
+        return x.reshape(-1, D)
+
+    def _coefs(self) -> list[tuple[str, float]]:
+        c = self.cfg
+        return [("switch", c.aux_loss_coef), ("cv2", c.cv2_loss_coef), ("z", c.z_loss_coef),
+                ("seq_aux", c.seq_aux_loss_coef)]
+
+    def _balance_losses(self, routing: Routing, batch_shape, mask) -> dict[str, torch.Tensor]:
+        """The losses whose coefficient is set (unweighted); the rest are not computed."""
+        fns = {
+            "switch": lambda: switch_aux_loss(routing, mask),
+            "cv2": lambda: cv2_loss(routing, mask),
+            "z": lambda: router_z_loss(routing, mask),
+            "seq_aux": lambda: seq_aux_loss(routing, batch_shape, mask),
+        }
+        return {name: fns[name]() for name, coef in self._coefs() if coef > 0}

@@ -1,0 +1,48 @@
+"""The router contract: x_TD -> Routing. Router math runs in fp32 whatever the input dtype
+(Switch Transformer §2.4 "selective precision": bf16 routers are unstable)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.moe.config import MoEConfig
+from moekit.moe.types import Routing
+from moekit.registry import Registry
+
+ROUTERS: Registry[type[Router]] = Registry("router")
+
+
+class Router(nn.Module):
+    """Base: a linear projection to E logits (fp32), `route` turns them into a Routing."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
+        self.reset_parameters()
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        """Variant-specific validation, called when the config is built."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.cfg.init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x_TD.float(), w, b)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+        raise NotImplementedError
+
+
+def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, sorted by score (ties broken by lower expert id)."""
+    return torch.topk(scores_TE, k, dim=-1, sorted=True).indices

@@ -1,0 +1,32 @@
+"""Softmax top-k: Switch (k=1, Fedus et al. 2021), GShard and Mixtral (k=2), GPT-OSS.
+
+`softmax_order="before"`: p = softmax(logits) over all experts, keep the top-k p
+(optionally renormalised: Mixtral yes, Qwen2-MoE no). `"after"`: take the top-k logits,
+softmax over those k (GPT-OSS; equal to "before" with renormalisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.moe.router.base import ROUTERS, Router, topk_ids
+from moekit.moe.types import Routing
+
+
+@ROUTERS.register("topk_softmax")
+class TopKSoftmaxRouter(Router):
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+        if self.training and self.cfg.jitter_eps > 0:
+            # Switch §2.4: multiplicative jitter on the router input, for exploration.
+            eps = self.cfg.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        ids_TK = topk_ids(logits_TE, self.top_k)
+        if self.cfg.softmax_order == "after":
+            weights_TK = torch.softmax(logits_TE.gather(-1, ids_TK), dim=-1)
+        else:
+            weights_TK = probs_TE.gather(-1, ids_TK)
+            if self.cfg.normalize_topk:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        return Routing(ids_TK, weights_TK, logits_TE, probs_TE)

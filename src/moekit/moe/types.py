@@ -1,0 +1,85 @@
+"""Small frozen contracts passed between the layer's stages.
+
+Shape legend (used in every tensor name in moekit):
+  T tokens (leading dims of the input flattened), D model width, E routed experts,
+  K expert slots per token, R routed rows (T*K, fewer after drops), F expert hidden
+  width, N expert input-projection width (2F for gated experts, F otherwise),
+  B batch, S sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router decides for T tokens.
+
+    expert_ids_TK: int64 expert per slot; -1 marks an empty slot (no expert), which
+        routers with a variable number of experts per token use.
+    weights_TK: combine weight per slot (fp32, differentiable; 0 for empty slots).
+    logits_TE: raw router logits in fp32 (for z-loss and entropy).
+    probs_TE: the score distribution the balance losses use (softmax probs, or
+        normalised sigmoid scores), fp32, rows sum to 1.
+    load_E: optional differentiable load estimate (noisy top-k, Shazeer 2017 §4).
+    """
+
+    expert_ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    logits_TE: torch.Tensor
+    probs_TE: torch.Tensor
+    load_E: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits_TE.shape[-1]
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Routed rows grouped by expert.
+
+    token_idx_R: source token of each row, rows sorted by expert (int64).
+    slot_idx_R: flat index t*K+k of each row into weights_TK (int64).
+    weights_R: combine weight of each row (differentiable gather of weights_TK).
+    counts_E: rows per expert after drops (int64, sums to R).
+    requested_E: slots assigned per expert before drops (int64).
+    num_tokens: T.
+    """
+
+    token_idx_R: torch.Tensor
+    slot_idx_R: torch.Tensor
+    weights_R: torch.Tensor
+    counts_E: torch.Tensor
+    requested_E: torch.Tensor
+    num_tokens: int
+    capacity: int | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_idx_R.shape[0]
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Detached routing metrics of one forward (no host sync needed to build them)."""
+
+    tokens_per_expert: torch.Tensor  # (E,) rows kept per expert
+    requested_per_expert: torch.Tensor  # (E,) slots assigned before capacity drops
+    drop_fraction: torch.Tensor  # () dropped slots / assigned slots
+    router_entropy: torch.Tensor  # () mean entropy (nats) of probs_TE
+    dead_experts: torch.Tensor  # () experts that received no token
+    unrouted_fraction: torch.Tensor  # () tokens with no expert at all (after drops)
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """The layer's answer: y like the input, the weighted aux loss, named losses, stats."""
+
+    y: torch.Tensor
+    aux_loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats

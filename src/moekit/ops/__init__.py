@@ -1,0 +1,1 @@
+"""Tensor functions only: no modules, no config."""

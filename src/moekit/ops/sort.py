@@ -1,0 +1,41 @@
+"""Group routed slots by expert: the permutation behind every dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order of the flat slots t*K+k grouped by expert, and the experts' slot counts.
+
+    Slots with expert id -1 (empty) sort last and are not counted. Within an expert the
+    order is k-major (all first choices, then all second choices, ...), each in token
+    order, so capacity "by position" keeps first choices first (GShard §2.2, Switch §2.2).
+
+    Returns slot_idx_S (flat t*K+k indices of the assigned slots, grouped by expert) and
+    counts_E. A histogram (bincount), not a scan per expert, keeps it one pass.
+    """
+    T, K = expert_ids_TK.shape
+    ids_KT = expert_ids_TK.t().reshape(-1)
+    key = torch.where(ids_KT < 0, torch.full_like(ids_KT, num_experts), ids_KT)
+    order = torch.sort(key, stable=True).indices  # positions in k-major flat order
+    counts_E = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # k-major position p = k*T + t  ->  slot index t*K + k
+    slot_idx = (order % T) * K + order // T
+    # Empty slots (-1) sorted last; trimming them costs one host sync on CUDA.
+    num_assigned = int(counts_E.sum())
+    return slot_idx[:num_assigned], counts_E
+
+
+def permute(x_TD: torch.Tensor, token_idx_R: torch.Tensor) -> torch.Tensor:
+    """Rows of x in routed order: x_RD[r] = x_TD[token_idx_R[r]]."""
+    return x_TD.index_select(0, token_idx_R)
+
+
+def unpermute(rows_RD: torch.Tensor, token_idx_R: torch.Tensor, num_tokens: int,
+              weights_R: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum rows back to their tokens, optionally weighted: y_TD[t] = Σ_{r: tok r = t} w_r rows_r."""
+    if weights_R is not None:
+        rows_RD = rows_RD * weights_R.to(rows_RD.dtype).unsqueeze(-1)
+    y_TD = rows_RD.new_zeros(num_tokens, rows_RD.shape[-1])
+    return y_TD.index_add(0, token_idx_R, rows_RD)

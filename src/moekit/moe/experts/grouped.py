@@ -77,13 +77,15 @@ class _GroupedFFN(torch.autograd.Function):
             _seg_mm(act.fwd(h_nN), w_out_EDF, segs, o_nD, transpose=True)
             y_TD.index_add_(0, tok, o_nD.mul_(w_R1[r0:r1]))
             hs.append(h_nN)
-        ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R)
-        ctx.hs, ctx.chunks, ctx.act, ctx.num_experts = hs, chunks, act, len(counts)
+        # hs go through save_for_backward (not a ctx attribute) so autograd frees them
+        # with the graph and a retain_graph=True backward can run twice (gradcheck does)
+        ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs)
+        ctx.chunks, ctx.act, ctx.num_experts = chunks, act, len(counts)
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R = ctx.saved_tensors
+        x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs = ctx.saved_tensors
         act: Activation = ctx.act
         need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
@@ -95,7 +97,7 @@ class _GroupedFFN(torch.autograd.Function):
         # first write per expert is mm(out=), later ones addmm_: no zero-filled weight grads
         touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
-        for (r0, r1, segs), h_nN in zip(ctx.chunks, ctx.hs):
+        for (r0, r1, segs), h_nN in zip(ctx.chunks, hs):
             tok = token_idx_R[r0:r1]
             dy_nD = dy_TD.index_select(0, tok)
             u_nF = x_TD.new_empty(r1 - r0, Fh)  # dy · W_out: d(out)/d(a) before the weight
@@ -116,7 +118,6 @@ class _GroupedFFN(torch.autograd.Function):
             if g is not None:  # experts that got no rows have zero gradient
                 for e in (e for e, hit in enumerate(touched) if not hit):
                     g[e].zero_()
-        ctx.hs = None
         dw = dweights_R.to(weights_R.dtype) if need_w else None
         return dx_TD, dw_in, dw_out, dw, None, None, None
 

@@ -35,12 +35,18 @@ class Router(nn.Module):
             nn.init.zeros_(self.bias)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return torch.nn.functional.linear(x_TD.float(), w, b)
+        dt = router_dtype(x_TD)
+        w = self.weight.to(dt)
+        b = None if self.bias is None else self.bias.to(dt)
+        return torch.nn.functional.linear(x_TD.to(dt), w, b)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         raise NotImplementedError
+
+
+def router_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64 (exact parity tests and gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""Attention kinds, chosen by name (LMConfig.attention). A kind is built as cls(cfg, layer_idx)
+and called as attn(x_BSD, rope, kv_cache) -> y_BSD; it owns its projections and writes
+its own entries of the KVCache. New kinds (MLA, sliding window, sinks) are one class
+and one line here.
+
+Shapes: B batch, S new tokens, L keys attended (cache offset + S), D model width,
+H query heads, G key/value heads, d head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.models.kv_cache import KVCache
+from moekit.models.rope import RopeTables, apply_rope
+from moekit.registry import Registry
+
+ATTENTIONS: Registry[type[nn.Module]] = Registry("attention")
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    """Bool (S, L) mask, True = may attend, for S new queries after L - S cached keys.
+
+    None when SDPA's own flags suffice: S == 1 sees every key. (SDPA's is_causal aligns
+    the triangle top-left, which is wrong once keys outnumber queries, so that case
+    needs this explicit bottom-right mask.)
+    """
+    if q_len == 1:
+        return None
+    offset = k_len - q_len
+    i_S1 = torch.arange(q_len, device=device)[:, None]
+    j_1L = torch.arange(k_len, device=device)[None, :]
+    return j_1L <= i_S1 + offset
+
+
+@ATTENTIONS.register("gqa")
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017) with G <= H key/value heads shared by
+    groups of H/G query heads (GQA, Ainslie et al. 2023; G = 1 is multi-query attention).
+    Projection names follow HF (q_proj, k_proj, v_proj, o_proj)."""
+
+    def __init__(self, cfg, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        self.dropout = cfg.dropout
+        D, H, G, d = cfg.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, G * d, bias=False)
+        self.v_proj = nn.Linear(D, G * d, bias=False)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope: RopeTables, kv_cache: KVCache | None = None
+                ) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSd = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGSd = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGSd = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSd, k_BGSd = apply_rope(q_BHSd, rope), apply_rope(k_BGSd, rope)
+        if kv_cache is not None:
+            k_BGSd, v_BGSd = kv_cache.update(self.layer_idx, k_BGSd, v_BGSd)  # now L keys
+        y_BHSd = self._attend(q_BHSd, k_BGSd, v_BGSd)
+        return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def _attend(self, q_BHSd, k_BGLd, v_BGLd) -> torch.Tensor:
+        S, L = q_BHSd.shape[2], k_BGLd.shape[2]
+        mask = None if S == L else causal_mask(S, L, q_BHSd.device)
+        return F.scaled_dot_product_attention(
+            q_BHSd, k_BGLd, v_BGLd, attn_mask=mask, is_causal=(S == L and S > 1),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+
+
+def build_attention(cfg, layer_idx: int) -> nn.Module:
+    return ATTENTIONS.get(cfg.attention)(cfg, layer_idx)

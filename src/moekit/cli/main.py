@@ -21,5 +21,10 @@ def demo(
     layer_demo(tokens=tokens, steps=steps, router=router)
 
 
+from moekit.cli.inspect import inspect as _inspect  # noqa: E402
+
+app.command(name="inspect")(_inspect)
+
+
 def main() -> None:  # pragma: no cover
     app()

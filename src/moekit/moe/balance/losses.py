@@ -35,7 +35,7 @@ def switch_aux_loss(routing: Routing, mask_T: torch.Tensor | None = None) -> tor
     E = routing.num_experts
     if probs_TE.shape[0] == 0:
         return probs_TE.new_zeros(())
-    counts_E = _counts(ids_TK, E)
+    counts_E = _counts(ids_TK, E).to(probs_TE.dtype)  # fp64 routing keeps an fp64 loss
     f_E = counts_E / counts_E.sum().clamp(min=1.0)
     return E * (f_E * probs_TE.mean(0)).sum()
 

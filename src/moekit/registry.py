@@ -27,7 +27,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise ValueError(
                 f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}"
             ) from None
@@ -36,7 +36,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._items  # a list is "not found", not a TypeError
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

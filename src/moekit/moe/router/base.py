@@ -27,7 +27,11 @@ class Router(nn.Module):
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
-        """Variant-specific validation, called when the config is built."""
+        """Variant-specific validation, called when the config is built. A variant that
+        reads router_options overrides this; the rest reject options (a typo is not ignored)."""
+        if cfg.router_options:
+            raise ValueError(f"MoEConfig.router_options={cfg.router_options!r} is invalid: "
+                             f"router {cfg.router!r} takes no options")
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.cfg.init_std)

@@ -18,6 +18,7 @@ from moekit.moe.types import Routing
 class GShardRandom2Router(Router):
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         if cfg.top_k != 2:
             raise ValueError(f"MoEConfig.top_k={cfg.top_k!r} is invalid: router 'gshard_random2' needs top_k=2")
 

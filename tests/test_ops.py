@@ -1,0 +1,66 @@
+"""ops/sort.py: grouping slots by expert, permute and unpermute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.ops.sort import permute, sort_slots_by_expert, unpermute
+
+
+def test_permute_then_unpermute_is_the_identity():
+    x = torch.randn(7, 5, dtype=torch.float64)
+    perm = torch.randperm(7)
+    rows = permute(x, perm)
+    torch.testing.assert_close(rows, x[perm], atol=0, rtol=0)
+    torch.testing.assert_close(unpermute(rows, perm, 7), x, atol=0, rtol=0)
+
+
+def test_unpermute_of_k_copies_with_weights_summing_to_one_is_the_identity():
+    T, K = 6, 3
+    x = torch.randn(T, 4, dtype=torch.float64)
+    token_idx = torch.arange(T).repeat_interleave(K)[torch.randperm(T * K)]
+    w = torch.rand(T, K, dtype=torch.float64)
+    w = w / w.sum(-1, keepdim=True)
+    # weight of each row: the next unused column of its token
+    col = torch.zeros(T, dtype=torch.long)
+    weights_R = torch.empty(T * K, dtype=torch.float64)
+    for r, t in enumerate(token_idx.tolist()):
+        weights_R[r] = w[t, col[t]]
+        col[t] += 1
+    y = unpermute(permute(x, token_idx), token_idx, T, weights_R)
+    torch.testing.assert_close(y, x, atol=1e-12, rtol=1e-12)
+
+
+def test_unpermute_leaves_untouched_tokens_zero_and_handles_empty():
+    rows = torch.ones(2, 3)
+    y = unpermute(rows, torch.tensor([0, 0]), 3, torch.tensor([0.25, 0.5]))
+    assert y.tolist() == [[0.75] * 3, [0.0] * 3, [0.0] * 3]
+    empty = unpermute(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 4)
+    assert empty.shape == (4, 3) and empty.abs().sum() == 0
+
+
+def test_sort_slots_by_expert_hand_case():
+    # T=3, K=2; slots t*K+k: 0:e2 1:e0 2:e0 3:e1 4:e2 5:-1
+    ids = torch.tensor([[2, 0], [0, 1], [2, -1]])
+    slot_idx, counts = sort_slots_by_expert(ids, 3)
+    assert counts.tolist() == [2, 1, 2]
+    # expert 0: first choices (slot 2) before second choices (slot 1); expert 2: slots 0, 4
+    assert slot_idx.tolist() == [2, 1, 3, 0, 4]
+
+
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (9, 2, 4), (16, 3, 5)])
+def test_sort_slots_by_expert_properties(T, K, E):
+    ids = torch.randint(-1, E, (T, K))
+    slot_idx, counts = sort_slots_by_expert(ids, E)
+    flat = ids.reshape(-1)
+    assigned = flat[flat >= 0]
+    assert counts.tolist() == torch.bincount(assigned, minlength=E).tolist()
+    assert sorted(slot_idx.tolist()) == sorted(torch.nonzero(flat >= 0).flatten().tolist())
+    experts = flat[slot_idx]
+    assert experts.tolist() == sorted(experts.tolist())  # grouped by expert
+    # within an expert: k-major, then token order
+    key = (slot_idx % K) * max(T, 1) + slot_idx // K
+    for e in range(E):
+        k_e = key[experts == e]
+        assert k_e.tolist() == sorted(k_e.tolist())

@@ -123,7 +123,7 @@ def _layer_cfg(**kw):
     from moekit import MoEConfig
 
     base = dict(d_model=8, num_experts=8, top_k=2, d_ff=12, num_shared_experts=1,
-                aux_loss_coef=0.01, z_loss_coef=0.001)
+                aux_loss_coef=0.01, z_loss_coef=0.001, init_std=0.3)  # O(1) outputs: 1e-5 is tight
     return MoEConfig(**{**base, **kw})
 
 
@@ -156,6 +156,7 @@ def _layer_case(cfg, rank, world, ep_size, bias=None, tokens=6):
         g = ref_params[name].grad
         diffs[f"grad:{name}"] = _maxdiff(p.grad, g[lo:hi] if name.startswith("experts.") else g)
     assert max(diffs.values()) <= TOL, diffs
+    assert out.y.abs().mean() > 0.05, "outputs too small for an absolute tolerance to mean much"
     return diffs, ep, out
 
 

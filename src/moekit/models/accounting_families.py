@@ -91,14 +91,15 @@ def mixtral(cfg: dict) -> Tally:
 
 def _qwen_is_moe(cfg: dict, i: int) -> bool:
     step = cfg.get("decoder_sparse_step", 1) or 1
-    return (i not in (cfg.get("mlp_only_layers") or [])) and cfg.get("num_experts", 0) > 0 \
+    e = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    return (i not in (cfg.get("mlp_only_layers") or [])) and e > 0 \
         and (i + 1) % step == 0
 
 
 def _qwen(cfg: dict, qwen3: bool) -> Tally:
     t = Tally()
     d, h, kv, hd = _heads(cfg)
-    e, k = _req(cfg, "num_experts"), _req(cfg, "num_experts_per_tok")
+    e, k = _req(cfg, "num_experts", "num_local_experts"), _req(cfg, "num_experts_per_tok")
     fm, fs = _req(cfg, "moe_intermediate_size"), cfg.get("shared_expert_intermediate_size", 0)
     bias = cfg.get("attention_bias", False) if qwen3 else cfg.get("qkv_bias", True)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
@@ -130,8 +131,8 @@ def qwen3_moe(cfg: dict) -> Tally:
 def olmoe(cfg: dict) -> Tally:
     t = Tally()
     d, h, kv, hd = _heads(cfg)
-    e, k, f = _req(cfg, "num_experts"), _req(cfg, "num_experts_per_tok"), _req(cfg, "intermediate_size")
-    bias = cfg.get("attention_bias", False)
+    e, k = _req(cfg, "num_experts", "num_local_experts"), _req(cfg, "num_experts_per_tok")
+    f, bias = _req(cfg, "intermediate_size"), cfg.get("attention_bias", False)
     for _ in range(_req(cfg, "num_hidden_layers")):
         _gqa(t, d, h, kv, hd, bias, bias)
         t.add("norms", 2 * d + h * hd + kv * hd, matmul=False)  # q/k norm on the full width

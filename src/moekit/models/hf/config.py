@@ -1,0 +1,58 @@
+"""HFLMConfig: LMConfig plus the per-family attention features of HF MoE checkpoints.
+
+The extra fields only switch features on in the attention variants registered by
+`moekit.models.hf.attention` ("hf_gqa") and `moekit.models.attention_mla` ("mla");
+the MoE FFNs are plain `MoEConfig`s run by moekit's own MoELayer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import moekit.models.attention_mla  # noqa: F401  (registers attention "mla")
+import moekit.models.hf.attention  # noqa: F401  (registers attention "hf_gqa")
+from moekit.models.config import LMConfig
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"HFLMConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class HFLMConfig(LMConfig):
+    family: str = "mixtral"  # key in moekit.models.hf.families.FAMILIES
+    hf_config: dict[str, Any] = field(default_factory=dict)  # the config.json, kept for saving
+    qkv_bias: bool = False  # Qwen2-MoE, GPT-OSS
+    o_bias: bool = False  # GPT-OSS
+    qk_norm: str = "none"  # "head" (Qwen3: RMSNorm per head) | "full" (OLMoE: over H*d)
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-c, c]
+    # RoPE: {"rope_type": "default"|"yarn", "factor", "beta_fast", "beta_slow",
+    # "original_max_position_embeddings", "mscale", "mscale_all_dim", "truncate", ...}
+    rope: dict[str, Any] = field(default_factory=dict)
+    rope_interleave: bool = False  # DeepSeek: rotary pairs are (x0, x1), (x2, x3), ...
+    # MLA (DeepSeek-V2 §2.1); used when attention == "mla"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.qk_norm not in ("none", "head", "full"):
+            raise _bad("qk_norm", self.qk_norm, "valid: 'none', 'head', 'full'")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise _bad("clip_qkv", self.clip_qkv, "must be None or > 0")
+        if self.rope.get("rope_type", "default") not in ("default", "yarn"):
+            raise _bad("rope", self.rope, "rope_type must be 'default' or 'yarn'")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    raise _bad(name, getattr(self, name), "must be > 0 for MLA")
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                raise _bad("q_lora_rank", self.q_lora_rank, "must be None or > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["hf_config"] = dict(self.hf_config)
+        return d

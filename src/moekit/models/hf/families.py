@@ -1,0 +1,157 @@
+"""HF MoE families: config.json -> HFLMConfig, and the names of their weights.
+
+A family is one function (config dict -> HFLMConfig) and one `Names` row in FAMILIES.
+Every feature a checkpoint switches on must be either supported here or refused
+with a ValueError naming the field: a silently ignored field would load a model
+that computes something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import moekit.models.attention_mla  # noqa: F401  (registers "mla")
+import moekit.models.hf.attention  # noqa: F401  (registers "hf_gqa")
+from moekit.models.hf.config import HFLMConfig
+from moekit.moe.config import MoEConfig
+from moekit.registry import Registry
+
+
+@dataclass(frozen=True)
+class Names:
+    """Where a family keeps its MoE weights (under model.layers.{i}.)."""
+
+    moe: str = "mlp"  # the sparse block
+    expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared: str | None = None  # shared-expert module name
+    shared_gate: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    build: object  # (hf config dict) -> HFLMConfig
+    names: Names
+
+
+FAMILIES: Registry[Family] = Registry("HF model_type")
+
+
+def _get(hf: dict, key: str, default=None, *, required: bool = False):
+    if required and hf.get(key) is None:
+        raise ValueError(f"config.json: field {key!r} is missing (model_type {hf.get('model_type')!r})")
+    v = hf.get(key, default)
+    return default if v is None else v
+
+
+def _refuse(hf: dict, key: str, ok, why: str) -> None:
+    if key in hf and hf[key] is not None and not ok(hf[key]):
+        raise ValueError(f"config.json: {key}={hf[key]!r} is not supported: {why}")
+
+
+def rope_params(hf: dict) -> tuple[float, dict]:
+    """(theta, params) from transformers 5 `rope_parameters` or legacy rope_theta/rope_scaling."""
+    p = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = p.get("rope_theta", hf.get("rope_theta", 10000.0))
+    p["rope_type"] = p.get("rope_type", p.get("type", "default"))
+    if p["rope_type"] not in ("default", "yarn"):
+        raise ValueError(f"config.json: rope type {p['rope_type']!r} is not supported; valid: default, yarn")
+    if p["rope_type"] == "yarn":
+        p.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    return float(theta), p
+
+
+def _base(hf: dict, max_seq_len: int | None, **kw) -> dict:
+    """LMConfig fields every decoder family shares."""
+    theta, rope = rope_params(hf)
+    _refuse(hf, "sliding_window", lambda v: not hf.get("use_sliding_window", True) or
+            v >= (max_seq_len or hf.get("max_position_embeddings", 0)),
+            "sliding-window attention is not implemented for this family")
+    return dict(
+        vocab_size=_get(hf, "vocab_size", required=True), d_model=_get(hf, "hidden_size", required=True),
+        n_layers=_get(hf, "num_hidden_layers", required=True),
+        n_heads=_get(hf, "num_attention_heads", required=True),
+        n_kv_heads=_get(hf, "num_key_value_heads", hf.get("num_attention_heads")),
+        head_dim=hf.get("head_dim"), max_seq_len=max_seq_len or min(_get(hf, "max_position_embeddings", 4096), 32768),
+        rope_theta=theta, rope=rope, norm_eps=_get(hf, "rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="hf_gqa",
+        dense_d_ff=_get(hf, "intermediate_size", required=True), hf_config=dict(hf), **kw)
+
+
+def _moe(hf: dict, experts_key: str, d_ff: int, **kw) -> MoEConfig:
+    _refuse(hf, "hidden_act", lambda v: v == "silu", "only silu (SwiGLU) experts are implemented")
+    # transformers 5 writes some families' expert count as num_local_experts
+    num = hf.get(experts_key) if hf.get(experts_key) is not None else hf.get("num_local_experts")
+    return MoEConfig(d_model=hf["hidden_size"], num_experts=num if num is not None else
+                     _get(hf, experts_key, required=True),
+                     top_k=_get(hf, "num_experts_per_tok", required=True), d_ff=d_ff, **kw)
+
+
+def mixtral(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    moe = _moe(hf, "num_local_experts", hf.get("intermediate_size"), normalize_topk=True)
+    return HFLMConfig(family="mixtral", moe=moe, **_base(hf, max_seq_len))
+
+
+def qwen2_moe(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    _refuse(hf, "mlp_only_layers", lambda v: len(v) == 0, "only decoder_sparse_step is supported")
+    fs = _get(hf, "shared_expert_intermediate_size", 0)
+    moe = _moe(hf, "num_experts", _get(hf, "moe_intermediate_size", required=True),
+               normalize_topk=bool(hf.get("norm_topk_prob", False)),
+               num_shared_experts=1 if fs else 0, shared_d_ff=fs or None, shared_gate=bool(fs))
+    return HFLMConfig(family="qwen2_moe", moe=moe, moe_every=_get(hf, "decoder_sparse_step", 1),
+                      qkv_bias=bool(hf.get("qkv_bias", True)), **_base(hf, max_seq_len))
+
+
+def qwen3_moe(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    _refuse(hf, "mlp_only_layers", lambda v: len(v) == 0, "only decoder_sparse_step is supported")
+    moe = _moe(hf, "num_experts", _get(hf, "moe_intermediate_size", required=True),
+               normalize_topk=bool(hf.get("norm_topk_prob", True)))
+    bias = bool(hf.get("attention_bias", False))
+    return HFLMConfig(family="qwen3_moe", moe=moe, moe_every=_get(hf, "decoder_sparse_step", 1),
+                      qkv_bias=bias, o_bias=bias, qk_norm="head", **_base(hf, max_seq_len))
+
+
+def olmoe(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    moe = _moe(hf, "num_experts", hf.get("intermediate_size"),
+               normalize_topk=bool(hf.get("norm_topk_prob", False)))
+    bias = bool(hf.get("attention_bias", False))
+    return HFLMConfig(family="olmoe", moe=moe, qkv_bias=bias, o_bias=bias, qk_norm="full",
+                      clip_qkv=hf.get("clip_qkv"), **_base(hf, max_seq_len))
+
+
+def deepseek_v3(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    _refuse(hf, "scoring_func", lambda v: v == "sigmoid", "DeepSeek-V3 routing is sigmoid")
+    _refuse(hf, "topk_method", lambda v: v == "noaux_tc", "DeepSeek-V3 routing is noaux_tc")
+    fm = _get(hf, "moe_intermediate_size", required=True)
+    ns = _get(hf, "n_shared_experts", 0)
+    moe = _moe(hf, "n_routed_experts", fm, router="topk_sigmoid",
+               normalize_topk=bool(hf.get("norm_topk_prob", True)), n_group=_get(hf, "n_group", 1),
+               topk_group=_get(hf, "topk_group", 1),
+               routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
+               num_shared_experts=ns, shared_d_ff=fm if ns else None)
+    base = _base(hf, max_seq_len)
+    base.update(head_dim=_get(hf, "qk_rope_head_dim", required=True), attention="mla",
+                n_kv_heads=base["n_heads"])
+    return HFLMConfig(
+        family="deepseek_v3", moe=moe, first_k_dense=_get(hf, "first_k_dense_replace", 0),
+        o_bias=bool(hf.get("attention_bias", False)), q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=_get(hf, "kv_lora_rank", required=True),
+        qk_nope_head_dim=_get(hf, "qk_nope_head_dim", required=True),
+        v_head_dim=_get(hf, "v_head_dim", required=True),
+        rope_interleave=bool(hf.get("rope_interleave", True)), **base)
+
+
+FAMILIES.register("mixtral")(Family(mixtral, Names(moe="block_sparse_moe", expert=("w1", "w3", "w2"))))
+FAMILIES.register("qwen2_moe")(Family(qwen2_moe, Names(shared="shared_expert",
+                                                       shared_gate="shared_expert_gate")))
+FAMILIES.register("qwen3_moe")(Family(qwen3_moe, Names()))
+FAMILIES.register("olmoe")(Family(olmoe, Names()))
+FAMILIES.register("deepseek_v3")(Family(deepseek_v3, Names(shared="shared_experts")))
+
+
+def lm_config_from_hf(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    """Build the moekit config of an HF config.json dict; unknown model_type -> ValueError."""
+    mt = hf.get("model_type")
+    if mt not in FAMILIES:
+        raise ValueError(f"config.json: model_type {mt!r} is not supported; "
+                         f"valid: {', '.join(FAMILIES.names())}")
+    return FAMILIES.get(mt).build(hf, max_seq_len)

@@ -1,0 +1,104 @@
+"""The map between moekit state-dict names and HF checkpoint tensors.
+
+One `Recipe` per moekit tensor says how it is made from HF tensors and back:
+
+    copy        one HF tensor                          (attention, norms, router, embeddings)
+    cat         [gate; up] along dim 0                 (dense and shared FFN w_in)
+    stack       E per-expert tensors stacked           (expert w_out from down_proj)
+    stack_cat   E per-expert [gate; up], stacked       (expert w_in)
+
+transformers 5 writes MoE experts per expert (`experts.{e}.gate_proj.weight`, the
+layout of the original checkpoints); a folder with fused `experts.gate_up_proj`
+(E, 2F, D) / `experts.down_proj` (E, D, F) is read too (`fused`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from moekit.models.hf.families import FAMILIES
+
+
+@dataclass(frozen=True)
+class Recipe:
+    kind: str  # copy | cat | stack | stack_cat
+    names: tuple  # HF names (nested tuples for stack_cat)
+    fused: str | None = None  # HF name of the fused alternative
+
+
+def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
+    n = FAMILIES.get(family).names
+    moe = f"{pre}.{n.moe}"
+    g, u, d = n.expert
+    if rest == "attn_norm.weight":
+        return Recipe("copy", (f"{pre}.input_layernorm.weight",))
+    if rest == "ffn_norm.weight":
+        return Recipe("copy", (f"{pre}.post_attention_layernorm.weight",))
+    if rest.startswith("attn."):
+        return Recipe("copy", (f"{pre}.self_attn.{rest[5:]}",))
+    if rest == "ffn.w_in":  # a dense layer
+        return Recipe("cat", (f"{pre}.mlp.gate_proj.weight", f"{pre}.mlp.up_proj.weight"))
+    if rest == "ffn.w_out":
+        return Recipe("copy", (f"{pre}.mlp.down_proj.weight",))
+    router = {"ffn.router.weight": "gate.weight", "ffn.router.bias": "gate.bias",
+              "ffn.router.expert_bias": "gate.e_score_correction_bias"}
+    if rest in router:
+        return Recipe("copy", (f"{moe}.{router[rest]}",))
+    if rest == "ffn.experts.w_in":
+        pairs = tuple((f"{moe}.experts.{e}.{g}.weight", f"{moe}.experts.{e}.{u}.weight")
+                      for e in range(num_experts))
+        return Recipe("stack_cat", pairs, fused=f"{moe}.experts.gate_up_proj")
+    if rest == "ffn.experts.w_out":
+        return Recipe("stack", tuple(f"{moe}.experts.{e}.{d}.weight" for e in range(num_experts)),
+                      fused=f"{moe}.experts.down_proj")
+    if rest == "ffn.shared.ffn.w_in" and n.shared:
+        return Recipe("cat", (f"{moe}.{n.shared}.gate_proj.weight", f"{moe}.{n.shared}.up_proj.weight"))
+    if rest == "ffn.shared.ffn.w_out" and n.shared:
+        return Recipe("copy", (f"{moe}.{n.shared}.down_proj.weight",))
+    if rest == "ffn.shared.gate.weight" and n.shared_gate:
+        return Recipe("copy", (f"{moe}.{n.shared_gate}.weight",))
+    raise KeyError(rest)
+
+
+def recipe(name: str, family: str, num_experts: int) -> Recipe:
+    """The recipe of one moekit state-dict entry."""
+    top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "head.weight": "lm_head.weight"}
+    if name in top:
+        return Recipe("copy", (top[name],))
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    try:
+        if m is None:
+            raise KeyError(name)
+        return _layer_recipe(m.group(2), f"model.layers.{m.group(1)}", family, num_experts)
+    except KeyError:
+        raise ValueError(f"no HF name for moekit tensor {name!r} (family {family})") from None
+
+
+def assemble(r: Recipe, get) -> torch.Tensor:
+    """Build a moekit tensor from HF tensors; `get(name)` reads one."""
+    if r.kind == "copy":
+        return get(r.names[0])
+    if r.kind == "cat":
+        return torch.cat([get(n) for n in r.names], dim=0)
+    if r.kind == "stack":
+        return torch.stack([get(n) for n in r.names])
+    return torch.stack([torch.cat([get(g), get(u)], dim=0) for g, u in r.names])
+
+
+def split(r: Recipe, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of `assemble`: HF name -> tensor (contiguous, ready for safetensors)."""
+    if r.kind == "copy":
+        return {r.names[0]: t.contiguous()}
+    if r.kind == "cat":
+        return dict(zip(r.names, (p.contiguous() for p in t.chunk(2, dim=0)), strict=True))
+    if r.kind == "stack":
+        return {n: t[e].contiguous() for e, n in enumerate(r.names)}
+    out = {}
+    for e, (g, u) in enumerate(r.names):
+        gate, up = t[e].chunk(2, dim=0)
+        out[g], out[u] = gate.contiguous(), up.contiguous()
+    return out

@@ -1,0 +1,220 @@
+"""HF checkpoints of each MoE family load into moekit's own model and match transformers.
+
+For each family a tiny random model (2 layers, d=32) is built by transformers with
+every listed feature switched on, saved with save_pretrained, and loaded with
+moekit.from_pretrained. Checked: logits (<= 1e-4), 16 greedy tokens, the experts
+chosen per layer, and the way back (moekit save_pretrained -> transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import moekit
+from moekit.inference.generate import generate
+
+transformers = pytest.importorskip("transformers")
+
+V = 64
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=24, vocab_size=V, max_position_embeddings=64, eos_token_id=None,
+            bos_token_id=None, pad_token_id=None)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+            beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    # shared expert with a sigmoid gate, top-k weights not renormalised, q/k/v biases
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                      shared_expert_intermediate_size=16, norm_topk_prob=False),
+    # q/k RMSNorm per head, head_dim (16) != hidden/heads (8)
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=16,
+                      norm_topk_prob=True),
+    # q/k RMSNorm over the full projection width, clip_qkv
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=2.0),
+    # MLA with q compression, YaRN, sigmoid router + correction bias, 4 groups pick 2,
+    # routed scaling, a shared expert, first layer dense
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=12,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                        n_group=4, topk_group=2, num_key_value_heads=4, routed_scaling_factor=2.5,
+                        rope_parameters=YARN),
+}
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Weights big enough that routing and attention are far from uniform; norms and
+    biases away from their 1/0 init; DeepSeek's correction bias non-zero (so it must
+    change the selection and nothing else)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            else:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else
+                        torch.randn(p.shape, generator=g) * 0.1)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family = request.param
+    cfg = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family]})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf)
+    folder = tmp_path_factory.mktemp(family)
+    hf.save_pretrained(folder)
+    return family, folder, hf, moekit.from_pretrained(folder)
+
+
+def _ids(batch=2, seq=12):
+    return torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_logits_match_transformers(pair):
+    family, _, hf, mk = pair
+    ids = _ids()
+    with torch.no_grad():
+        want, got = hf(ids).logits, mk(ids).logits
+    assert want.abs().max() > 1.0  # not a degenerate model
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_greedy_tokens_match_transformers(pair):
+    family, _, hf, mk = pair
+    prompt = _ids(batch=1, seq=5)
+    want = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    got = generate(mk, prompt, 16, temperature=0.0)
+    assert got.tolist() == want.tolist()
+
+
+def _capture_hf(hf) -> list[torch.Tensor]:
+    out, hooks = [], []
+    for m in hf.modules():
+        if type(m).__name__.lower().endswith("router"):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: out.append(o[2].detach())))
+    return out, hooks
+
+
+def test_expert_choices_match_transformers(pair):
+    family, _, hf, mk = pair
+    ids = _ids()
+    want, hooks = _capture_hf(hf)
+    got = []
+    hooks += [layer.router.register_forward_hook(lambda mod, i, o: got.append(o.expert_ids_TK))
+              for layer in mk.moe_layers()]
+    with torch.no_grad():
+        hf(ids), mk(ids)
+    for h in hooks:
+        h.remove()
+    assert len(got) == len(want) == len(mk.moe_layers()) > 0
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w.sort(-1).values, g.sort(-1).values)
+
+
+def test_save_pretrained_loads_in_transformers(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    family, _, hf, mk = pair
+    mk.save_pretrained(tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    assert not list(tmp_path.joinpath("out").glob("*.tmp"))  # atomic writes cleaned up
+
+
+def test_sharded_save_reloads(pair, tmp_path):
+    family, _, _, mk = pair
+    mk.save_pretrained(tmp_path / "sh", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sh" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = moekit.from_pretrained(tmp_path / "sh")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, mk(ids).logits)
+
+
+# ---- bad inputs: each names what is wrong ----
+
+@pytest.fixture
+def mixtral_dir(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = tmp_path_factory.mktemp("mixtral_src")
+    cfg = AutoConfig.for_model("mixtral", **{**TINY, **FAMILIES["mixtral"]})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src, max_shard_size="20KB")
+    return src
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard '{shard.name}', which is missing"):
+        moekit.from_pretrained(d)
+
+
+def test_index_names_missing_file(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.norm.weight"] = "nope.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        moekit.from_pretrained(d)
+
+
+def test_truncated_safetensors(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{shard.name}.*(truncated|corrupt)"):
+        moekit.from_pretrained(d)
+
+
+def test_unknown_model_type(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported; valid: .*mixtral"):
+        moekit.from_pretrained(d)
+
+
+def test_wrong_tensor_shape(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 20}))
+    with pytest.raises(ValueError, match=r"shape \(4, 48, 32\).*\(4, 40, 32\)"):
+        moekit.from_pretrained(d)
+
+
+def test_config_field_out_of_range(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 9}))
+    with pytest.raises(ValueError, match="top_k=9.*num_experts"):
+        moekit.from_pretrained(d)
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "mixtral", **TINY,
+                                               **FAMILIES["mixtral"]}))
+    (d / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(ValueError, match="pickle.*does not load it"):
+        moekit.from_pretrained(d)

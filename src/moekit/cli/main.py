@@ -25,6 +25,16 @@ from moekit.cli.inspect import inspect as _inspect  # noqa: E402
 
 app.command(name="inspect")(_inspect)
 
+from moekit.cli.compare import compare_command as _compare  # noqa: E402
+from moekit.cli.generate import generate_command as _generate  # noqa: E402
+from moekit.cli.plot import plot_command as _plot  # noqa: E402
+from moekit.cli.train import train_command as _train  # noqa: E402
+
+app.command(name="train")(_train)
+app.command(name="generate")(_generate)
+app.command(name="plot")(_plot)
+app.command(name="compare")(_compare)
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -1,0 +1,9 @@
+"""Training: config, step with gradient accumulation, trainer, atomic checkpoints, loop."""
+
+from moekit.training.config import DataConfig, TrainConfig, apply_overrides
+from moekit.training.run import TrainResult, train
+from moekit.training.step import StepResult, train_step, update_router_biases
+from moekit.training.trainer import NonFiniteLossError, Trainer
+
+__all__ = ["DataConfig", "TrainConfig", "apply_overrides", "TrainResult", "train", "StepResult",
+           "train_step", "update_router_biases", "NonFiniteLossError", "Trainer"]

@@ -1,0 +1,34 @@
+"""`moekit compare`: train an MoE preset and a dense preset at equal training compute.
+
+Both runs share every TrainConfig field; the dense run's steps are scaled so that
+steps x FLOPs/token match (they are equal for `tiny` vs `dense`, whose active
+parameters match by construction).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moekit.analysis.report import write_report
+from moekit.models import MoELM
+from moekit.training.config import TrainConfig
+from moekit.training.loop import train_flops_per_token
+from moekit.training.run import model_config, train
+
+
+def compare(cfg: TrainConfig, out_dir: str | Path, moe_preset: str = "tiny",
+            dense_preset: str = "dense") -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    moe_dir, dense_dir = out_dir / moe_preset, out_dir / dense_preset
+    base = cfg.replace(sample_tokens=0)
+    train(base.replace(preset=moe_preset, out_dir=str(moe_dir)))
+    moe_meta = json.loads((moe_dir / "run.json").read_text())
+    vocab = moe_meta["model"]["vocab_size"]
+    dense_fpt = train_flops_per_token(MoELM(model_config(base.replace(preset=dense_preset), vocab)),
+                                      cfg.seq_len)
+    steps = max(1, round(cfg.steps * moe_meta["train_flops_per_token"] / dense_fpt))
+    train(base.replace(preset=dense_preset, out_dir=str(dense_dir), steps=steps,
+                       save_every=max(cfg.save_every, steps)))
+    return write_report(out_dir, moe_dir, dense_dir)

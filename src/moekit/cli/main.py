@@ -35,6 +35,10 @@ app.command(name="generate")(_generate)
 app.command(name="plot")(_plot)
 app.command(name="compare")(_compare)
 
+from moekit.cli.plan import plan_command as _plan  # noqa: E402
+
+app.command(name="plan")(_plan)
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -42,6 +42,14 @@ FAMILIES = {
                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                         n_group=4, topk_group=2, num_key_value_heads=4, routed_scaling_factor=2.5,
                         rope_parameters=YARN),
+    # MLA without q compression, softmax router with group-limited greedy top-3 (k >
+    # topk_group, so the group limit changes choices),
+    # routed scaling, 2 shared experts, YaRN
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=8,
+                        n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                        n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                        num_key_value_heads=4, routed_scaling_factor=16.0, rope_parameters=YARN),
 }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import moekit.models.attention_mla  # noqa: F401  (registers "mla")
 import moekit.models.hf.attention  # noqa: F401  (registers "hf_gqa")
+import moekit.models.hf.routers  # noqa: F401  (registers "softmax_group_limited")
 from moekit.models.hf.config import HFLMConfig
 from moekit.moe.config import MoEConfig
 from moekit.registry import Registry
@@ -118,26 +119,47 @@ def olmoe(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
                       clip_qkv=hf.get("clip_qkv"), **_base(hf, max_seq_len))
 
 
-def deepseek_v3(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
-    _refuse(hf, "scoring_func", lambda v: v == "sigmoid", "DeepSeek-V3 routing is sigmoid")
-    _refuse(hf, "topk_method", lambda v: v == "noaux_tc", "DeepSeek-V3 routing is noaux_tc")
+def _deepseek_router(hf: dict, v3: bool) -> dict:
+    if v3:
+        _refuse(hf, "scoring_func", lambda v: v == "sigmoid", "DeepSeek-V3 routing is sigmoid")
+        _refuse(hf, "topk_method", lambda v: v == "noaux_tc", "DeepSeek-V3 routing is noaux_tc")
+    else:
+        _refuse(hf, "scoring_func", lambda v: v == "softmax", "DeepSeek-V2 routing is softmax")
+        _refuse(hf, "topk_method", lambda v: v in ("greedy", "group_limited_greedy"),
+                "valid: greedy, group_limited_greedy")
+    grouped = v3 or hf.get("topk_method") == "group_limited_greedy"
+    return dict(router="topk_sigmoid" if v3 else "softmax_group_limited",
+                normalize_topk=bool(hf.get("norm_topk_prob", v3)),
+                n_group=_get(hf, "n_group", 1) if grouped else 1,
+                topk_group=_get(hf, "topk_group", 1) if grouped else 1,
+                routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)))
+
+
+def _deepseek(hf: dict, max_seq_len: int | None, v3: bool) -> HFLMConfig:
+    _refuse(hf, "mlp_bias", lambda v: not v, "biases in DeepSeek MLPs are not implemented")
     fm = _get(hf, "moe_intermediate_size", required=True)
     ns = _get(hf, "n_shared_experts", 0)
-    moe = _moe(hf, "n_routed_experts", fm, router="topk_sigmoid",
-               normalize_topk=bool(hf.get("norm_topk_prob", True)), n_group=_get(hf, "n_group", 1),
-               topk_group=_get(hf, "topk_group", 1),
-               routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
-               num_shared_experts=ns, shared_d_ff=fm if ns else None)
+    moe = _moe(hf, "n_routed_experts", fm, num_shared_experts=ns, shared_d_ff=fm if ns else None,
+               **_deepseek_router(hf, v3))
     base = _base(hf, max_seq_len)
     base.update(head_dim=_get(hf, "qk_rope_head_dim", required=True), attention="mla",
                 n_kv_heads=base["n_heads"])
     return HFLMConfig(
-        family="deepseek_v3", moe=moe, first_k_dense=_get(hf, "first_k_dense_replace", 0),
+        family="deepseek_v3" if v3 else "deepseek_v2", moe=moe, first_k_dense=_get(hf, "first_k_dense_replace", 0),
         o_bias=bool(hf.get("attention_bias", False)), q_lora_rank=hf.get("q_lora_rank"),
         kv_lora_rank=_get(hf, "kv_lora_rank", required=True),
         qk_nope_head_dim=_get(hf, "qk_nope_head_dim", required=True),
         v_head_dim=_get(hf, "v_head_dim", required=True),
-        rope_interleave=bool(hf.get("rope_interleave", True)), **base)
+        # V2 rotates interleaved pairs (complex form); V3 has the rope_interleave switch
+        rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True, **base)
+
+
+def deepseek_v2(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    return _deepseek(hf, max_seq_len, v3=False)
+
+
+def deepseek_v3(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    return _deepseek(hf, max_seq_len, v3=True)
 
 
 FAMILIES.register("mixtral")(Family(mixtral, Names(moe="block_sparse_moe", expert=("w1", "w3", "w2"))))
@@ -145,6 +167,7 @@ FAMILIES.register("qwen2_moe")(Family(qwen2_moe, Names(shared="shared_expert",
                                                        shared_gate="shared_expert_gate")))
 FAMILIES.register("qwen3_moe")(Family(qwen3_moe, Names()))
 FAMILIES.register("olmoe")(Family(olmoe, Names()))
+FAMILIES.register("deepseek_v2")(Family(deepseek_v2, Names(shared="shared_experts")))
 FAMILIES.register("deepseek_v3")(Family(deepseek_v3, Names(shared="shared_experts")))
 
 

@@ -51,6 +51,9 @@ class MoEConfig:
     dispatch: str = "dropless"
     capacity_factor: float = 1.25  # capacity = ceil(CF * T * K / E) (GShard §2.2)
     drop_policy: str = "position"  # "position" (earlier slots first) or "probability"
+    # training only: each routed slot is dropped with this probability and the token's
+    # remaining weights are rescaled to the same sum (moe/router/expert_dropout.py)
+    expert_dropout: float = 0.0
 
     # --- 3 experts
     expert: str = "swiglu"
@@ -59,6 +62,9 @@ class MoEConfig:
     shared_d_ff: int | None = None  # width of each shared expert; default d_ff
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x·w) scales the shared expert's output
     init_std: float = 0.02
+    # PR-MoE residual (DeepSpeed-MoE, Rajbhandari et al. 2022 §4.1): a dense FFN of this width on every token,
+    # mixed with the routed output by a learned per-token 2-way softmax; None = off
+    residual_d_ff: int | None = None
 
     # --- balance (each loss has its own coefficient; aux_loss is their weighted sum)
     aux_loss_coef: float = 0.0  # Switch/GShard f·P
@@ -66,6 +72,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
     bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free bias step γ
+    entropy_loss_coef: float = 0.0  # DSelect-k selector entropy (Hazimeh et al. 2021 eq. 9)
 
     def __post_init__(self) -> None:
         for check in (_check_shapes, _check_router, _check_dispatch, _check_experts, _check_coefs):
@@ -146,6 +153,8 @@ def _check_dispatch(cfg: MoEConfig) -> None:
         raise _bad("capacity_factor", cfg.capacity_factor, "must be a finite number > 0")
     if cfg.drop_policy not in ("position", "probability"):
         raise _bad("drop_policy", cfg.drop_policy, "valid: 'position', 'probability'")
+    if not _is_num(cfg.expert_dropout) or not 0.0 <= cfg.expert_dropout < 1.0:
+        raise _bad("expert_dropout", cfg.expert_dropout, "must be in [0, 1)")
 
 
 def _check_experts(cfg: MoEConfig) -> None:
@@ -161,12 +170,19 @@ def _check_experts(cfg: MoEConfig) -> None:
         raise _bad("shared_d_ff", cfg.shared_d_ff, "must be a positive integer or None (= d_ff)")
     if cfg.shared_gate and cfg.num_shared_experts == 0:
         raise _bad("shared_gate", cfg.shared_gate, "needs num_shared_experts >= 1")
+    if cfg.residual_d_ff is not None and (not _is_int(cfg.residual_d_ff) or cfg.residual_d_ff <= 0):
+        raise _bad("residual_d_ff", cfg.residual_d_ff, "must be a positive integer or None (no residual FFN)")
     if not _is_num(cfg.init_std) or cfg.init_std <= 0:
         raise _bad("init_std", cfg.init_std, "must be a finite number > 0")
 
 
 def _check_coefs(cfg: MoEConfig) -> None:
-    for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):
+    for name in ("aux_loss_coef", "cv2_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate",
+                 "entropy_loss_coef"):
         v = getattr(cfg, name)
         if not _is_num(v) or v < 0:
             raise _bad(name, v, "must be a finite number >= 0")
+    from moekit.moe.router import ROUTERS
+
+    if cfg.entropy_loss_coef > 0 and "entropy" not in getattr(ROUTERS.get(cfg.router), "extra_losses", ()):
+        raise _bad("entropy_loss_coef", cfg.entropy_loss_coef, "must be 0 unless router='dselect_k'")

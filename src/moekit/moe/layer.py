@@ -17,7 +17,9 @@ from moekit.moe.balance import cv2_loss, routing_stats, router_z_loss, seq_aux_l
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import DISPATCHERS
 from moekit.moe.experts import ExpertBank, SharedExperts
+from moekit.moe.experts.residual import ResidualMix
 from moekit.moe.router import build_router
+from moekit.moe.router.expert_dropout import drop_expert_slots
 from moekit.moe.types import MoEOutput, Routing
 
 
@@ -33,6 +35,8 @@ class MoELayer(nn.Module):
         if cfg.num_shared_experts:
             self.shared = SharedExperts(cfg.d_model, cfg.shared_d_ff or cfg.d_ff, cfg.num_shared_experts,
                                         cfg.expert, cfg.shared_gate, cfg.init_std)
+        self.residual = None if cfg.residual_d_ff is None else ResidualMix(
+            cfg.d_model, cfg.residual_d_ff, cfg.expert, cfg.init_std)
 
     def forward(self, x: torch.Tensor, *, token_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> MoEOutput:
@@ -42,12 +46,12 @@ class MoELayer(nn.Module):
         mask (...): True for real tokens; padding is left out of the balance losses.
         """
         x_TD = self._flatten(x)
+        if getattr(self.router, "mixes_tokens", False):
+            return self._soft_moe(x, x_TD, mask)
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
         routing = self.router(x_TD, token_ids_T)  # 1 route
-        plan = self.dispatch(routing, self.cfg)  # 2 dispatch
-        y_TD = self.experts(x_TD, plan)  # 3 experts + 4 combine
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+        plan = self.dispatch(self._expert_dropout(routing), self.cfg)  # 2 dispatch
+        y_TD = self._dense_paths(x_TD, self.experts(x_TD, plan))  # 3 experts + 4 combine (+ dense)
         losses = self._balance_losses(routing, tuple(x.shape[:-1]), mask)
         aux = sum((coef * losses[name] for name, coef in self._coefs() if coef > 0),
                   start=x_TD.new_zeros((), dtype=torch.float32))
@@ -60,10 +64,33 @@ class MoELayer(nn.Module):
                              f"{x.shape[-1] if x.dim() else None}; expected d_model={D}")
         return x.reshape(-1, D)
 
+    def _expert_dropout(self, routing: Routing) -> Routing:
+        p = self.cfg.expert_dropout
+        return drop_expert_slots(routing, p) if self.training and p > 0 else routing
+
+    def _dense_paths(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """PR-MoE residual mix (moe/experts/residual.py), then the shared experts."""
+        if self.residual is not None:
+            y_TD = self.residual(x_TD, y_TD)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD
+
+    def _soft_moe(self, x: torch.Tensor, x_TD: torch.Tensor, mask) -> MoEOutput:
+        """Soft MoE (moe/router/soft_moe.py): tokens mix into slots, experts run on slots."""
+        S = x.shape[-2] if x.dim() >= 3 else x.shape[0]
+        x_BSD = x_TD.view(-1, S, self.cfg.d_model)
+        slots = self.router.slots(x_BSD, None if mask is None else mask.reshape(x_BSD.shape[:2]))
+        plan = DISPATCHERS.get("dropless")(slots.routing, self.cfg)
+        y_TD = self.router.combine(self.experts(slots.x_XD, plan), slots.combine_BSX).reshape(x_TD.shape)
+        y_TD = self._dense_paths(x_TD, y_TD)
+        zero = x_TD.new_zeros((), dtype=torch.float32)
+        return MoEOutput(y_TD.view(x.shape), zero, {}, routing_stats(slots.routing, plan))
+
     def _coefs(self) -> list[tuple[str, float]]:
         c = self.cfg
         return [("switch", c.aux_loss_coef), ("cv2", c.cv2_loss_coef), ("z", c.z_loss_coef),
-                ("seq_aux", c.seq_aux_loss_coef)]
+                ("seq_aux", c.seq_aux_loss_coef), ("entropy", c.entropy_loss_coef)]
 
     def _balance_losses(self, routing: Routing, batch_shape, mask) -> dict[str, torch.Tensor]:
         """The losses whose coefficient is set (unweighted); the rest are not computed."""
@@ -72,5 +99,6 @@ class MoELayer(nn.Module):
             "cv2": lambda: cv2_loss(routing, mask),
             "z": lambda: router_z_loss(routing, mask),
             "seq_aux": lambda: seq_aux_loss(routing, batch_shape, mask),
+            "entropy": lambda: routing.extra_losses["entropy"],  # DSelect-k eq. 9
         }
         return {name: fns[name]() for name, coef in self._coefs() if coef > 0}

@@ -9,7 +9,7 @@ Shape legend (used in every tensor name in moekit):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ class Routing:
     probs_TE: the score distribution the balance losses use (softmax probs, or
         normalised sigmoid scores), fp32, rows sum to 1.
     load_E: optional differentiable load estimate (noisy top-k, Shazeer 2017 §4).
+    extra_losses: router-specific unweighted losses by name (DSelect-k's "entropy");
+        the layer weights each with its MoEConfig coefficient.
     """
 
     expert_ids_TK: torch.Tensor
@@ -32,6 +34,7 @@ class Routing:
     logits_TE: torch.Tensor
     probs_TE: torch.Tensor
     load_E: torch.Tensor | None = None
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:

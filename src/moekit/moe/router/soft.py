@@ -1,0 +1,24 @@
+"""Dense soft gating: every expert, weighted by softmax(logits) (Jacobs, Jordan, Nowlan
+& Hinton 1991, "Adaptive Mixtures of Local Experts", eq. 1: y = Σ_e p_e(x) · o_e(x)).
+
+All E slots are used whatever top_k is (top_k is ignored), so the layer costs E expert
+FFNs per token: the dense baseline every sparse router is an approximation of. For Soft
+MoE (Puigcerver et al. 2023), which mixes tokens into slots, see `soft_moe`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.moe.router.base import ROUTERS, Router
+from moekit.moe.types import Routing
+
+
+@ROUTERS.register("soft")
+class SoftRouter(Router):
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        T, E = probs_TE.shape
+        ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
+        return Routing(ids_TE, probs_TE, logits_TE, probs_TE)

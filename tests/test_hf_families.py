@@ -50,6 +50,12 @@ FAMILIES = {
                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                         n_group=4, topk_group=2, topk_method="group_limited_greedy",
                         num_key_value_heads=4, routed_scaling_factor=16.0, rope_parameters=YARN),
+    # attention sinks, sliding window 4 on alternate layers (prompt + 16 tokens go past
+    # it), q/k/v/o biases, router bias, top-k-then-softmax, clamped SwiGLU with
+    # interleaved gate/up and biases, YaRN
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.0,
+                    rope_parameters=dict(YARN, truncate=False)),
 }
 
 

@@ -27,6 +27,11 @@ class HFLMConfig(LMConfig):
     o_bias: bool = False  # GPT-OSS
     qk_norm: str = "none"  # "head" (Qwen3: RMSNorm per head) | "full" (OLMoE: over H*d)
     clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-c, c]
+    attn_sinks: bool = False  # GPT-OSS: a learned per-head logit that takes softmax mass
+    sliding_window: int | None = None  # keys within the last `sliding_window` positions
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"
+    swiglu_limit: float | None = None  # GPT-OSS experts: clamped SwiGLU (hf/gpt_oss.py)
+    swiglu_alpha: float = 1.702
     # RoPE: {"rope_type": "default"|"yarn", "factor", "beta_fast", "beta_slow",
     # "original_max_position_embeddings", "mscale", "mscale_all_dim", "truncate", ...}
     rope: dict[str, Any] = field(default_factory=dict)
@@ -43,6 +48,12 @@ class HFLMConfig(LMConfig):
             raise _bad("qk_norm", self.qk_norm, "valid: 'none', 'head', 'full'")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise _bad("clip_qkv", self.clip_qkv, "must be None or > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise _bad("sliding_window", self.sliding_window, "must be None or >= 1")
+        if self.layer_types is not None and (len(self.layer_types) != self.n_layers or not set(
+                self.layer_types) <= {"sliding_attention", "full_attention"}):
+            raise _bad("layer_types", self.layer_types, f"need {self.n_layers} entries of "
+                       "'sliding_attention' / 'full_attention'")
         if self.rope.get("rope_type", "default") not in ("default", "yarn"):
             raise _bad("rope", self.rope, "rope_type must be 'default' or 'yarn'")
         if self.attention == "mla":

@@ -26,6 +26,8 @@ class Names:
     expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     shared: str | None = None  # shared-expert module name
     shared_gate: str | None = None
+    router: str = "gate"
+    experts_layout: str = "per_expert"  # or "gpt_oss": fused, transposed, interleaved, biased
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,10 @@ def rope_params(hf: dict) -> tuple[float, dict]:
     return float(theta), p
 
 
-def _base(hf: dict, max_seq_len: int | None, **kw) -> dict:
+def _base(hf: dict, max_seq_len: int | None, window_ok: bool = False, **kw) -> dict:
     """LMConfig fields every decoder family shares."""
     theta, rope = rope_params(hf)
-    _refuse(hf, "sliding_window", lambda v: not hf.get("use_sliding_window", True) or
+    _refuse(hf, "sliding_window", lambda v: window_ok or not hf.get("use_sliding_window", True) or
             v >= (max_seq_len or hf.get("max_position_embeddings", 0)),
             "sliding-window attention is not implemented for this family")
     return dict(
@@ -162,11 +164,26 @@ def deepseek_v3(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
     return _deepseek(hf, max_seq_len, v3=True)
 
 
+def gpt_oss(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    # router: top-k of the biased logits, softmax over those k (gpt-oss model card §2.1)
+    moe = _moe(hf, "num_local_experts", _get(hf, "intermediate_size", required=True),
+               softmax_order="after", router_bias=True)
+    n, bias = _get(hf, "num_hidden_layers", required=True), bool(hf.get("attention_bias", True))
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                      for i in range(n)]
+    return HFLMConfig(family="gpt_oss", moe=moe, qkv_bias=bias, o_bias=bias, attn_sinks=True,
+                      sliding_window=hf.get("sliding_window"), layer_types=tuple(types),
+                      swiglu_limit=float(_get(hf, "swiglu_limit", 7.0)),
+                      swiglu_alpha=float(_get(hf, "swiglu_alpha", 1.702)),
+                      **_base(hf, max_seq_len, window_ok=True))
+
+
 FAMILIES.register("mixtral")(Family(mixtral, Names(moe="block_sparse_moe", expert=("w1", "w3", "w2"))))
 FAMILIES.register("qwen2_moe")(Family(qwen2_moe, Names(shared="shared_expert",
                                                        shared_gate="shared_expert_gate")))
 FAMILIES.register("qwen3_moe")(Family(qwen3_moe, Names()))
 FAMILIES.register("olmoe")(Family(olmoe, Names()))
+FAMILIES.register("gpt_oss")(Family(gpt_oss, Names(router="router", experts_layout="gpt_oss")))
 FAMILIES.register("deepseek_v2")(Family(deepseek_v2, Names(shared="shared_experts")))
 FAMILIES.register("deepseek_v3")(Family(deepseek_v3, Names(shared="shared_experts")))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moekit.models.attention_mla import LatentKVCache
 from moekit.models.hf.config import HFLMConfig
+from moekit.models.hf.gpt_oss import ClampedSwiGLUExperts
 from moekit.models.hf.rope import HFRotary
 from moekit.models.kv_cache import KVCache
 from moekit.models.lm import MoELM
@@ -21,6 +22,11 @@ class HFMoELM(MoELM):
         super().__init__(cfg)
         # YaRN tables (and MLA's rope_dim = head_size) replace the plain RoPE tables
         self.rope = HFRotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope)
+        if cfg.swiglu_limit is not None:  # GPT-OSS: biased, clamped SwiGLU experts
+            for layer in self.moe_layers():
+                m = layer.cfg
+                layer.experts = ClampedSwiGLUExperts(m.num_experts, m.d_model, m.d_ff, cfg.swiglu_limit,
+                                                     cfg.swiglu_alpha, m.init_std)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         if self.cfg.attention != "mla":

@@ -2,7 +2,8 @@
 
 One `Recipe` per moekit tensor says how it is made from HF tensors and back:
 
-    copy        one HF tensor                          (attention, norms, router, embeddings)
+    copy        one HF tensor, optionally transformed  (attention, norms, router, embeddings;
+                GPT-OSS experts: transposed and/or de-interleaved, see hf/gpt_oss.py)
     cat         [gate; up] along dim 0                 (dense and shared FFN w_in)
     stack       E per-expert tensors stacked           (expert w_out from down_proj)
     stack_cat   E per-expert [gate; up], stacked       (expert w_in)
@@ -20,6 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from moekit.models.hf.families import FAMILIES
+from moekit.models.hf.gpt_oss import deinterleave, interleave
+
+# transform: (HF -> moekit, moekit -> HF)
+TRANSFORMS = {
+    "t": (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2)),
+    "deint": (deinterleave, interleave),
+    "t_deint": (lambda t: deinterleave(t).transpose(1, 2), lambda t: interleave(t.transpose(1, 2))),
+}
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,7 @@ class Recipe:
     kind: str  # copy | cat | stack | stack_cat
     names: tuple  # HF names (nested tuples for stack_cat)
     fused: str | None = None  # HF name of the fused alternative
+    transform: str | None = None  # key in TRANSFORMS (copy only)
 
 
 def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
@@ -43,10 +53,14 @@ def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
         return Recipe("cat", (f"{pre}.mlp.gate_proj.weight", f"{pre}.mlp.up_proj.weight"))
     if rest == "ffn.w_out":
         return Recipe("copy", (f"{pre}.mlp.down_proj.weight",))
-    router = {"ffn.router.weight": "gate.weight", "ffn.router.bias": "gate.bias",
-              "ffn.router.expert_bias": "gate.e_score_correction_bias"}
+    router = {"ffn.router.weight": "weight", "ffn.router.bias": "bias",
+              "ffn.router.expert_bias": "e_score_correction_bias"}
     if rest in router:
-        return Recipe("copy", (f"{moe}.{router[rest]}",))
+        return Recipe("copy", (f"{moe}.{n.router}.{router[rest]}",))
+    if n.experts_layout == "gpt_oss" and rest.startswith("ffn.experts."):
+        hf_name, tf = {"w_in": ("gate_up_proj", "t_deint"), "b_in": ("gate_up_proj_bias", "deint"),
+                       "w_out": ("down_proj", "t"), "b_out": ("down_proj_bias", None)}[rest[12:]]
+        return Recipe("copy", (f"{moe}.experts.{hf_name}",), transform=tf)
     if rest == "ffn.experts.w_in":
         pairs = tuple((f"{moe}.experts.{e}.{g}.weight", f"{moe}.experts.{e}.{u}.weight")
                       for e in range(num_experts))
@@ -81,7 +95,8 @@ def recipe(name: str, family: str, num_experts: int) -> Recipe:
 def assemble(r: Recipe, get) -> torch.Tensor:
     """Build a moekit tensor from HF tensors; `get(name)` reads one."""
     if r.kind == "copy":
-        return get(r.names[0])
+        t = get(r.names[0])
+        return TRANSFORMS[r.transform][0](t) if r.transform else t
     if r.kind == "cat":
         return torch.cat([get(n) for n in r.names], dim=0)
     if r.kind == "stack":
@@ -92,7 +107,7 @@ def assemble(r: Recipe, get) -> torch.Tensor:
 def split(r: Recipe, t: torch.Tensor) -> dict[str, torch.Tensor]:
     """The inverse of `assemble`: HF name -> tensor (contiguous, ready for safetensors)."""
     if r.kind == "copy":
-        return {r.names[0]: t.contiguous()}
+        return {r.names[0]: (TRANSFORMS[r.transform][1](t) if r.transform else t).contiguous()}
     if r.kind == "cat":
         return dict(zip(r.names, (p.contiguous() for p in t.chunk(2, dim=0)), strict=True))
     if r.kind == "stack":

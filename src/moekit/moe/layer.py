@@ -79,7 +79,7 @@ class MoELayer(nn.Module):
     def _soft_moe(self, x: torch.Tensor, x_TD: torch.Tensor, mask) -> MoEOutput:
         """Soft MoE (moe/router/soft_moe.py): tokens mix into slots, experts run on slots."""
         S = x.shape[-2] if x.dim() >= 3 else x.shape[0]
-        x_BSD = x_TD.view(-1, S, self.cfg.d_model)
+        x_BSD = x_TD.view(x_TD.shape[0] // S if S else 0, S, self.cfg.d_model)  # empty: no sequence
         slots = self.router.slots(x_BSD, None if mask is None else mask.reshape(x_BSD.shape[:2]))
         plan = DISPATCHERS.get("dropless")(slots.routing, self.cfg)
         y_TD = self.router.combine(self.experts(slots.x_XD, plan), slots.combine_BSX).reshape(x_TD.shape)

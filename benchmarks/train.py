@@ -1,0 +1,217 @@
+"""Training throughput (tokens/s) of the `tiny` MoE preset against
+  - its `dense` twin (same active parameters per token; target MoE/dense >= 0.85), and
+  - transformers' MixtralForCausalLM (or Qwen3MoeForCausalLM) built with the same shapes
+    (target moekit/HF >= 2x),
+side by side in one process: rounds interleave the models (the order rotates each round)
+so that drift in machine load hits all of them alike; the median round is reported.
+
+A step is forward, loss (+ aux loss), backward, AdamW step, on a fresh random batch.
+Run by hand (not a test):
+
+    python benchmarks/train.py                      # 2 threads, batch 8 x 256, 7 rounds
+    python benchmarks/train.py --breakdown          # + fwd+bwd time per component
+    python benchmarks/train.py --hf qwen3 --hf-experts eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from moekit.models import LMConfig, MoELM, get_preset
+from moekit.models.lm import lm_loss
+
+Step = Callable[[torch.Tensor], None]
+
+
+def moekit_step(model: MoELM, opt: torch.optim.Optimizer) -> Step:
+    def step(ids_BS: torch.Tensor) -> None:
+        targets_BS = torch.roll(ids_BS, -1, dims=1)
+        targets_BS[:, -1] = -100
+        out = model(ids_BS, targets_BS=targets_BS)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def build_hf(kind: str, cfg: LMConfig, experts_impl: str | None):
+    """A transformers MoE LM with the shapes of cfg (experts, width, heads, layers, vocab)."""
+    m = cfg.moe
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=m.top_k,
+                  router_aux_loss_coef=m.aux_loss_coef, output_router_logits=True,
+                  attn_implementation="sdpa")
+    if experts_impl:
+        common["experts_implementation"] = experts_impl
+    if kind == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        hf_cfg = MixtralConfig(intermediate_size=m.d_ff, num_local_experts=m.num_experts, **common)
+        return MixtralForCausalLM(hf_cfg)
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    hf_cfg = Qwen3MoeConfig(moe_intermediate_size=m.d_ff, num_experts=m.num_experts,
+                            intermediate_size=cfg.dense_d_ff, norm_topk_prob=True,
+                            head_dim=cfg.head_size, **common)
+    return Qwen3MoeForCausalLM(hf_cfg)
+
+
+def hf_step(model, opt: torch.optim.Optimizer) -> Step:
+    def step(ids_BS: torch.Tensor) -> None:
+        out = model(input_ids=ids_BS, labels=ids_BS)  # shifts inside; loss includes aux
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def build_all(args) -> dict[str, Step]:
+    torch.manual_seed(0)
+    tiny_cfg = get_preset("tiny", args.vocab).replace(max_seq_len=max(args.seq, 256))
+    models = {"moekit tiny (MoE)": MoELM(tiny_cfg),
+              "moekit dense": MoELM(get_preset("dense", args.vocab).replace(max_seq_len=tiny_cfg.max_seq_len))}
+    if args.hf != "none":
+        models[f"HF {args.hf} ({args.hf_experts or 'default'})"] = build_hf(args.hf, tiny_cfg, args.hf_experts)
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"  {name:32s} {n / 1e6:6.2f}M params")
+        steps[name] = (moekit_step if isinstance(model, MoELM) else hf_step)(model, opt)
+    return steps
+
+
+def run_rounds(steps: dict[str, Step], args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """tokens per wall-clock second, and per CPU second of this process (the second is
+    steadier on a shared machine: time spent descheduled is not counted)."""
+    gen = torch.Generator().manual_seed(1)
+    batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)  # noqa: E731
+    for step in steps.values():  # warm-up: allocator, thread pool, first-call paths
+        for _ in range(2):
+            step(batch())
+    names = list(steps)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    tokens = args.steps * args.batch * args.seq
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                steps[name](batch())
+            wall[name].append(tokens / (time.perf_counter() - t0))
+            cpu[name].append(tokens / (time.process_time() - c0))
+    return wall, cpu
+
+
+def report(tps: dict[str, list[float]], clock: str) -> None:
+    med = {n: statistics.median(v) for n, v in tps.items()}
+    print(f"\n  tokens per {clock} second")
+    print(f"  {'model':32s} {'median tok/s':>13s} {'min':>9s} {'max':>9s}")
+    for n, v in tps.items():
+        print(f"  {n:32s} {med[n]:13.0f} {min(v):9.0f} {max(v):9.0f}")
+    names = list(med)
+    moe, dense = med[names[0]], med[names[1]]
+    print(f"\n  MoE / dense   = {moe / dense:.3f}   (target >= 0.85)")
+    if len(names) > 2:
+        print(f"  MoE / HF      = {moe / med[names[2]]:.2f}x  (target >= 2)")
+
+
+def _time(fn: Callable[[], None], reps: int) -> tuple[float, float]:
+    """Median (wall ms, process-CPU ms) of fn."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+def breakdown(args) -> None:
+    """fwd+bwd milliseconds of one block's parts at T = batch·seq tokens: where the
+    MoE/dense gap comes from (the attention is the same module in both models)."""
+    torch.manual_seed(0)
+    seq_cfg = dict(max_seq_len=max(args.seq, 256))
+    tiny = MoELM(get_preset("tiny", args.vocab).replace(**seq_cfg))
+    dense = MoELM(get_preset("dense", args.vocab).replace(**seq_cfg))
+    D = tiny.cfg.d_model
+    x = torch.randn(args.batch, args.seq, D, requires_grad=True)
+    x_TD = x.detach().view(-1, D).requires_grad_()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    rope = tiny.rope(0, args.seq)
+    moe = tiny.layers[0].ffn
+    with torch.no_grad():
+        routing = moe.router(x_TD)
+        plan = moe.dispatch(routing, moe.cfg)
+
+    def fb(f):
+        return lambda: f().sum().backward()
+
+    parts = {
+        "attention (both)": fb(lambda: tiny.layers[0].attn(x, rope)),
+        "rmsnorm (both)": fb(lambda: tiny.layers[0].attn_norm(x)),
+        "dense FFN (dense)": fb(lambda: dense.layers[0].ffn(x).y),
+        "MoE FFN (tiny), whole layer": fb(lambda: moe(x, token_ids=ids).y),
+        "  router fwd+bwd": fb(lambda: moe.router(x_TD).weights_TK),
+        "  dispatch (fwd)": lambda: moe.dispatch(routing, moe.cfg),
+        "  experts, grouped backend": fb(lambda: moe.experts(x_TD, plan)),
+        "  experts, loop backend": fb(lambda: moe.experts(x_TD, plan, backend="loop")),
+        "  balance losses + stats (fwd)": lambda: moe._balance_losses(routing, x.shape[:-1], None),
+        "embed+head+loss (both)": fb(lambda: lm_loss(tiny.head(tiny.norm(tiny.embed(ids))), ids)),
+    }
+    if args.hf != "none":
+        hf = build_hf(args.hf, tiny.cfg, args.hf_experts)
+        hf_layer = hf.model.layers[0]
+        parts[f"HF {args.hf} MoE block"] = fb(lambda: hf_layer.mlp(x))
+        parts[f"HF {args.hf} attention"] = fb(lambda: _hf_attention(hf, x))
+    print(f"\n  fwd+bwd per part, T={args.batch * args.seq} tokens, median of {args.reps}:")
+    print(f"  {'part':34s} {'wall ms':>9s} {'CPU ms':>9s}")
+    for name, fn in parts.items():
+        w, c = _time(fn, args.reps)
+        print(f"  {name:34s} {w:9.2f} {c:9.2f}")
+
+
+def _hf_attention(hf, x_BSD):
+    B, S, _ = x_BSD.shape
+    pos = torch.arange(S)[None].expand(B, S)
+    cos_sin = hf.model.rotary_emb(x_BSD, pos)
+    return hf.model.layers[0].self_attn(x_BSD, position_embeddings=cos_sin, attention_mask=None)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=260)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hf", choices=["mixtral", "qwen3", "none"], default="mixtral")
+    p.add_argument("--hf-experts", default=None, help="transformers experts_implementation "
+                   "(default: its own default, grouped_mm); e.g. eager, batched_mm")
+    p.add_argument("--breakdown", action="store_true", help="also time each block part")
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x seq {args.seq}")
+    wall, cpu = run_rounds(build_all(args), args)
+    report(wall, "wall-clock")
+    report(cpu, "process CPU")
+    if args.breakdown:
+        breakdown(args)
+
+
+if __name__ == "__main__":
+    main()

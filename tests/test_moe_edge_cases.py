@@ -283,3 +283,14 @@ def test_wrong_input_width_is_rejected_at_forward(shape):
     with pytest.raises(ValueError, match=rf"expected d_model={D}") as err:
         layer(torch.randn(size=shape))
     assert str(tuple(shape)) in str(err.value)  # the message shows the offending shape
+
+
+NEEDS_TOKEN_IDS = [r for r in ROUTERS.names() if getattr(ROUTERS.get(r), "needs_token_ids", False)]
+
+
+@pytest.mark.parametrize("router", NEEDS_TOKEN_IDS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no registered router declares needs_token_ids"))])
+def test_router_that_needs_token_ids_says_so(router):
+    layer = MoELayer(edge_config(router, "dropless"))
+    with pytest.raises(ValueError, match="token_ids"):
+        layer(torch.randn(3, D))

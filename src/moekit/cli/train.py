@@ -68,12 +68,13 @@ def train_command(
     data: str = typer.Option(None, help="a text file or folder (default: the Python stdlib source)"),
     out: str = typer.Option(None, help="run folder (default: runs/<preset>-<time>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    ep: int = typer.Option(0, "--ep", help="expert-parallel size under torchrun (0: single process)"),
 ) -> None:
     """Train a language model (the default: the `tiny` MoE on the Python stdlib source)."""
     from moekit.training import train
 
     try:
         cfg = build_config(preset, config, set_ or [], data, out, resume)
-        train(cfg, resume=resume)
+        train(cfg, resume=resume, ep=ep)
     except ValueError as e:
         fail(str(e))

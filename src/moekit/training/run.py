@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from moekit.data import TokenData, build_token_data, load_corpus, unigram_bits_per_byte
+from moekit.distributed.launch import NullReporter, init_ep_run
 from moekit.models import LMConfig, MoELM, get_preset
 from moekit.training.checkpoint import latest_checkpoint, remove_temp_dirs
 from moekit.training.config import TrainConfig, merge_dicts
@@ -99,31 +100,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Train (or resume) a run; returns its final numbers."""
+def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None,
+          ep: int = 0) -> TrainResult:
+    """Train (or resume) a run; returns its final numbers. ep > 0: expert parallel under
+    torchrun (moekit.distributed.launch); only rank 0 writes."""
     t_start = time.perf_counter()
-    console = console or Console(soft_wrap=True)
-    run_dir = run_dir_for(cfg, resume)
+    ctx = init_ep_run(ep, cfg.device) if ep else None
+    is_main = ctx is None or ctx.is_main
+    console = console or Console(soft_wrap=True, quiet=not is_main)
+    run_dir = run_dir_for(cfg, resume) if ctx is None else ctx.from_main(run_dir_for(cfg, resume))
     check_run_dir(run_dir, resume)
+    if ctx is not None:  # every rank checks before rank 0 writes run.json
+        ctx.barrier()
     saved = json.loads((run_dir / RUN_FILE).read_text()) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir, saved)
     lm_cfg = model_config(cfg, data.tokenizer.vocab_size)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    trainer = Trainer(cfg, MoELM(lm_cfg).to(device), data, device)
-    meta = saved or run_metadata(cfg.replace(out_dir=str(run_dir)), trainer.model, data)
+    device = resolve_device(cfg.device) if ctx is None else ctx.device
+    model = MoELM(lm_cfg).to(device)
+    meta = saved or run_metadata(cfg.replace(out_dir=str(run_dir)), model, data)
+    trainer = Trainer(cfg, model if ctx is None else ctx.wrap(model), data, device)
     if resume:
-        restore_latest(trainer, run_dir, console)
-    else:
+        restore_latest(trainer, run_dir, console, write=is_main)
+    elif is_main:
         (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=1))
     print_header(console, run_dir, trainer, meta)
-    reporter = Reporter(run_dir, cfg.steps, cfg.log_every, start_step=trainer.step)
+    reporter = (Reporter(run_dir, cfg.steps, cfg.log_every, start_step=trainer.step) if is_main
+                else NullReporter())
     try:
         last_eval = fit(trainer, run_dir, reporter, {"run": meta})
     finally:
         reporter.close()
-    return finish(trainer, run_dir, last_eval, meta, console, time.perf_counter() - t_start)
+    return finish(trainer, run_dir, last_eval, meta, console, time.perf_counter() - t_start, is_main)
 
 
 def run_metadata(cfg: TrainConfig, model: MoELM, data: TokenData) -> dict:
@@ -135,16 +144,16 @@ def run_metadata(cfg: TrainConfig, model: MoELM, data: TokenData) -> dict:
             "unigram_bpb": unigram_bits_per_byte(data.corpus.val_docs)}
 
 
-def restore_latest(trainer: Trainer, run_dir: Path, console: Console) -> None:
+def restore_latest(trainer: Trainer, run_dir: Path, console: Console, write: bool = True) -> None:
     root = run_dir / CHECKPOINTS
-    remove_temp_dirs(root) if root.exists() else None
+    remove_temp_dirs(root) if root.exists() and write else None
     path = latest_checkpoint(root)
     if path is None:
         console.print("[yellow]no complete checkpoint yet: starting this run from step 0")
-        truncate_metrics(run_dir, 0)
+        truncate_metrics(run_dir, 0) if write else None
         return
     trainer.restore(path)
-    truncate_metrics(run_dir, trainer.step)
+    truncate_metrics(run_dir, trainer.step) if write else None
     console.print(f"resumed from {path} (step {trainer.step})")
 
 
@@ -160,13 +169,14 @@ def print_header(console: Console, run_dir: Path, trainer: Trainer, meta: dict) 
 
 
 def finish(trainer: Trainer, run_dir: Path, last_eval: dict | None, meta: dict, console: Console,
-           seconds: float) -> TrainResult:
+           seconds: float, is_main: bool = True) -> TrainResult:
     """Plots, a sample, and the summary lines."""
     if last_eval is None:  # resumed a run that had already finished
         val_loss = trainer.evaluate()
         last_eval = {"val_loss": val_loss, "val_bpb": trainer.data.bits_per_byte(val_loss)}
-    write_plots(run_dir, console)
-    sample = write_sample(trainer, run_dir)
+    if is_main:
+        write_plots(run_dir, console)
+    sample = write_sample(trainer, run_dir if is_main else None)  # generation runs on every rank
     uni = meta["unigram_bpb"]
     console.print(f"[bold]validation loss {last_eval['val_loss']:.4f} nats/token = "
                   f"{last_eval['val_bpb']:.3f} bits/byte[/bold] vs unigram baseline "
@@ -203,5 +213,6 @@ def write_sample(trainer: Trainer, run_dir: Path) -> str | None:
     ids = generate(trainer.model, prompt_S, n, temperature=0.8, top_k=50, generator=g,
                    eos_id=tok.eos_id)
     text = tok.decode(ids[prompt_S.numel():].tolist())
-    (run_dir / "sample.txt").write_text(SAMPLE_PROMPT + text)
+    if run_dir is not None:
+        (run_dir / "sample.txt").write_text(SAMPLE_PROMPT + text)
     return text

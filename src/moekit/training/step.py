@@ -61,6 +61,10 @@ def layer_loads(stats) -> torch.Tensor | None:
 def reduce_loads(loads_LE: torch.Tensor) -> torch.Tensor:
     """Hook for data parallelism: all-reduce the loads so every rank moves its bias the
     same way. On one process the local load is the global one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from moekit.distributed import allreduce_loads
+
+        allreduce_loads(loads_LE)
     return loads_LE
 
 
@@ -83,15 +87,26 @@ def train_step(model, optimizer, micro_batches, *, lr: float, grad_clip: float,
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, aux, loads_LE = accumulate(model, micro_batches, device, dtype)
+    ep = _ep_hooks(model)
+    if ep is not None:  # expert parallel: average grads over replicas, global loss
+        loss, aux = ep.after_backward(model, loss, aux)
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = float(ep.clip_global(model, max_norm) if ep is not None
+                      else torch.nn.utils.clip_grad_norm_(params, max_norm))
     skipped = not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
         update_router_biases(model, loads_LE)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, aux, grad_norm, loads_LE, skipped)
+
+
+def _ep_hooks(model):
+    """moekit.distributed.launch when the model is expert-parallel, else None."""
+    from moekit.distributed import launch
+
+    return launch if launch.is_distributed(model) else None
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float) -> torch.optim.AdamW:

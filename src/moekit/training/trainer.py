@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from moekit.data import BatchSampler, TokenData, eval_batches
+from moekit.distributed import launch as ep_launch
 from moekit.training import checkpoint as ckpt
 from moekit.training.config import TrainConfig
 from moekit.training.schedule import lr_at
@@ -40,6 +41,8 @@ class Trainer:
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One batch of batch_size windows, split into grad_accum equal micro-batches."""
         x_BS, y_BS = self.sampler.next_batch(self.cfg.batch_size)
+        if ep_launch.is_distributed(self.model):  # each data-parallel rank takes its rows
+            x_BS, y_BS = ep_launch.shard_rows(x_BS), ep_launch.shard_rows(y_BS)
         k = self.cfg.grad_accum
         return list(zip(x_BS.chunk(k), y_BS.chunk(k), strict=True))
 
@@ -74,10 +77,16 @@ class Trainer:
         tensors = opt_t | rng_t | {"data/generator": data_state["generator"]}
         state = {"step": self.step, "bad_streak": self.bad_streak, "optimizer": opt_meta,
                  "rng": rng_meta, "data": {"batches_drawn": data_state["batches_drawn"]}} | meta
+        if ep_launch.is_distributed(self.model):  # experts gathered under global ids, rank 0 writes
+            return ep_launch.save_checkpoint(ckpt.save_checkpoint, root, self.step, self.model, tensors,
+                                             state, self.cfg.keep_last)
         return ckpt.save_checkpoint(root, self.step, self.model, tensors, state, self.cfg.keep_last)
 
     def restore(self, path: str | Path) -> dict:
-        tensors, state = ckpt.load_checkpoint(path, self.model)
+        if ep_launch.is_distributed(self.model):  # any saved EP size -> this rank's experts
+            tensors, state = ep_launch.load_checkpoint(ckpt.load_checkpoint, path, self.model)
+        else:
+            tensors, state = ckpt.load_checkpoint(path, self.model)
         ckpt.optimizer_from_flat(self.optimizer, self.param_names(), tensors, state["optimizer"])
         ckpt.rng_from_flat(tensors, state["rng"])
         self.sampler.load_state_dict({"generator": tensors["data/generator"],

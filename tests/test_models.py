@@ -119,6 +119,10 @@ def test_kv_cache_overflow_and_max_seq_len_errors():
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch 2 does not match"):
+        model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"expected \(B, S\)"):
+        model(torch.zeros(5, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- attention

@@ -99,8 +99,8 @@ class MoELM(nn.Module):
 
     def forward(self, input_ids_BS: torch.Tensor, *, targets_BS: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, mask: torch.Tensor | None = None) -> LMOutput:
-        B, S = input_ids_BS.shape
-        start = self._start(S, kv_cache)
+        start = self._start(input_ids_BS, kv_cache)
+        S = input_ids_BS.shape[1]
         rope = self.rope(start, S)
         x_BSD = self.drop(self.embed(input_ids_BS))
         outs = []
@@ -119,7 +119,13 @@ class MoELM(nn.Module):
             kv_cache=kv_cache,
         )
 
-    def _start(self, S: int, kv_cache: KVCache | None) -> int:
+    def _start(self, input_ids_BS: torch.Tensor, kv_cache: KVCache | None) -> int:
+        """Position of the first new token; checks shapes before any work is done."""
+        if input_ids_BS.dim() != 2:
+            raise ValueError(f"MoELM: input_ids of shape {tuple(input_ids_BS.shape)}; expected (B, S)")
+        B, S = input_ids_BS.shape
+        if kv_cache is not None and kv_cache.batch != B:
+            raise ValueError(f"MoELM: batch {B} does not match the KVCache's batch {kv_cache.batch}")
         start = 0 if kv_cache is None else kv_cache.offset
         if start + S > self.cfg.max_seq_len:
             raise ValueError(f"MoELM: positions up to {start + S} exceed max_seq_len={self.cfg.max_seq_len}")

@@ -56,6 +56,16 @@ FAMILIES = {
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.0,
                     rope_parameters=dict(YARN, truncate=False)),
+    # 4 layers: MoE every 2nd (routed top-1 + shared expert, score applied before the
+    # expert), dense layers of intermediate_size_mlp, NoPE every 4th layer with
+    # temperature tuning (floor_scale 4 so it acts), L2 q/k norm, chunked attention (4),
+    # llama3 RoPE scaling
+    "llama4_text": dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1,
+                        head_dim=8, intermediate_size_mlp=40, interleave_moe_layer_step=2,
+                        attention_chunk_size=4, floor_scale=4, attn_scale=0.5,
+                        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                             low_freq_factor=1.0, high_freq_factor=4.0,
+                                             original_max_position_embeddings=16)),
 }
 
 
@@ -111,11 +121,20 @@ def test_greedy_tokens_match_transformers(pair):
     assert got.tolist() == want.tolist()
 
 
+def _hf_choice(out) -> torch.Tensor:
+    """Expert ids chosen by an HF router: (logits, weights, ids), or Llama 4's
+    (scores (T, E) with 0 where not chosen, logits)."""
+    if len(out) == 3:
+        return out[2].detach()
+    scores_TE = out[0].detach()
+    return scores_TE.gt(0).nonzero()[:, 1].view(scores_TE.shape[0], -1)
+
+
 def _capture_hf(hf) -> list[torch.Tensor]:
     out, hooks = [], []
     for m in hf.modules():
         if type(m).__name__.lower().endswith("router"):
-            hooks.append(m.register_forward_hook(lambda mod, i, o: out.append(o[2].detach())))
+            hooks.append(m.register_forward_hook(lambda mod, i, o: out.append(_hf_choice(o))))
     return out, hooks
 
 

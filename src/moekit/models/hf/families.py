@@ -27,7 +27,9 @@ class Names:
     shared: str | None = None  # shared-expert module name
     shared_gate: str | None = None
     router: str = "gate"
-    experts_layout: str = "per_expert"  # or "gpt_oss": fused, transposed, interleaved, biased
+    # "per_expert" | "gpt_oss" (fused, transposed, interleaved, biased) | "llama4" (fused, transposed)
+    experts_layout: str = "per_expert"
+    dense: str = "mlp"  # the dense FFN of non-MoE layers
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,10 @@ def rope_params(hf: dict) -> tuple[float, dict]:
     p = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = p.get("rope_theta", hf.get("rope_theta", 10000.0))
     p["rope_type"] = p.get("rope_type", p.get("type", "default"))
-    if p["rope_type"] not in ("default", "yarn"):
-        raise ValueError(f"config.json: rope type {p['rope_type']!r} is not supported; valid: default, yarn")
-    if p["rope_type"] == "yarn":
+    if p["rope_type"] not in ("default", "yarn", "llama3"):
+        raise ValueError(f"config.json: rope type {p['rope_type']!r} is not supported; "
+                         "valid: default, yarn, llama3")
+    if p["rope_type"] in ("yarn", "llama3"):
         p.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
     return float(theta), p
 
@@ -178,12 +181,38 @@ def gpt_oss(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
                       **_base(hf, max_seq_len, window_ok=True))
 
 
+def llama4_text(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
+    n = _get(hf, "num_hidden_layers", required=True)
+    step = _get(hf, "interleave_moe_layer_step", 1)
+    _refuse(hf, "moe_layers", lambda v: list(v) == list(range(step - 1, n, step)),
+            "only the interleave_moe_layer_step pattern is supported")
+    every = _get(hf, "no_rope_layer_interval", 4)
+    rope_layers = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
+    types = hf.get("layer_types") or ["chunked_attention" if r else "full_attention" for r in rope_layers]
+    f = _get(hf, "intermediate_size", required=True)
+    moe = _moe(hf, "num_local_experts", f, router="topk_sigmoid_plain", num_shared_experts=1,
+               shared_d_ff=f)
+    base = _base(hf, max_seq_len)
+    base["dense_d_ff"] = _get(hf, "intermediate_size_mlp", required=True)
+    bias = bool(hf.get("attention_bias", False))
+    tune = (float(_get(hf, "floor_scale", 8192)), float(_get(hf, "attn_scale", 0.1)))
+    return HFLMConfig(
+        family="llama4_text", moe=moe, moe_every=step, qkv_bias=bias, o_bias=bias,
+        qk_norm="l2" if hf.get("use_qk_norm", True) else "none", rope_interleave=True,
+        rope_layers=tuple(rope_layers), layer_types=tuple(types),
+        attention_chunk=hf.get("attention_chunk_size"), prescale_experts=True,
+        temperature_tuning=tune if hf.get("attn_temperature_tuning", True) else None, **base)
+
+
 FAMILIES.register("mixtral")(Family(mixtral, Names(moe="block_sparse_moe", expert=("w1", "w3", "w2"))))
 FAMILIES.register("qwen2_moe")(Family(qwen2_moe, Names(shared="shared_expert",
                                                        shared_gate="shared_expert_gate")))
 FAMILIES.register("qwen3_moe")(Family(qwen3_moe, Names()))
 FAMILIES.register("olmoe")(Family(olmoe, Names()))
 FAMILIES.register("gpt_oss")(Family(gpt_oss, Names(router="router", experts_layout="gpt_oss")))
+FAMILIES.register("llama4_text")(Family(llama4_text, Names(
+    moe="feed_forward", router="router", shared="shared_expert", experts_layout="llama4",
+    dense="feed_forward")))
 FAMILIES.register("deepseek_v2")(Family(deepseek_v2, Names(shared="shared_experts")))
 FAMILIES.register("deepseek_v3")(Family(deepseek_v3, Names(shared="shared_experts")))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from moekit.models.attention_mla import LatentKVCache
 from moekit.models.hf.config import HFLMConfig
 from moekit.models.hf.gpt_oss import ClampedSwiGLUExperts
+from moekit.models.hf.llama4 import PrescaledSwiGLUExperts
 from moekit.models.hf.rope import HFRotary
 from moekit.models.kv_cache import KVCache
 from moekit.models.lm import MoELM
@@ -22,6 +23,10 @@ class HFMoELM(MoELM):
         super().__init__(cfg)
         # YaRN tables (and MLA's rope_dim = head_size) replace the plain RoPE tables
         self.rope = HFRotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope)
+        if cfg.prescale_experts:  # Llama 4: experts see score·x
+            for layer in self.moe_layers():
+                m = layer.cfg
+                layer.experts = PrescaledSwiGLUExperts(m.num_experts, m.d_model, m.d_ff, m.init_std)
         if cfg.swiglu_limit is not None:  # GPT-OSS: biased, clamped SwiGLU experts
             for layer in self.moe_layers():
                 m = layer.cfg

@@ -1,4 +1,4 @@
-"""RoPE tables of HF checkpoints: default and YaRN (Peng et al. 2023, arXiv:2309.00071).
+"""RoPE tables of HF checkpoints: default, YaRN (Peng et al. 2023, arXiv:2309.00071), llama3.
 
 YaRN blends interpolated (1/(factor·θ^(2i/d))) and original frequencies with a linear
 ramp between the dims that rotate beta_fast and beta_slow times over the original
@@ -47,6 +47,19 @@ def yarn_inv_freq(dim: int, theta: float, p: dict) -> tuple[torch.Tensor, float]
     return inv, float(attn)
 
 
+def llama3_inv_freq(inv_h: torch.Tensor, p: dict) -> torch.Tensor:
+    """Llama 3.1 "llama3" scaling: long wavelengths divided by `factor`, short ones kept,
+    a smooth blend in between (as transformers' _compute_llama3_parameters)."""
+    factor, lo, hi = p["factor"], p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_h
+    scaled = torch.where(wavelen > old / lo, inv_h / factor, inv_h)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, blended, scaled)
+
+
 class HFRotary(nn.Module):
     """cos/sin (S, dim) in the "cat(freqs, freqs)" layout, times the attention factor."""
 
@@ -57,6 +70,8 @@ class HFRotary(nn.Module):
         else:
             inv_h = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
             attn = 1.0
+            if params.get("rope_type") == "llama3":
+                inv_h = llama3_inv_freq(inv_h, params)
         angle_Sh = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_h[None, :]
         angle_SH = torch.cat([angle_Sh, angle_Sh], dim=-1)
         self.register_buffer("cos_SH", angle_SH.cos() * attn, persistent=False)

@@ -50,9 +50,9 @@ def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
     if rest.startswith("attn."):
         return Recipe("copy", (f"{pre}.self_attn.{rest[5:]}",))
     if rest == "ffn.w_in":  # a dense layer
-        return Recipe("cat", (f"{pre}.mlp.gate_proj.weight", f"{pre}.mlp.up_proj.weight"))
+        return Recipe("cat", (f"{pre}.{n.dense}.gate_proj.weight", f"{pre}.{n.dense}.up_proj.weight"))
     if rest == "ffn.w_out":
-        return Recipe("copy", (f"{pre}.mlp.down_proj.weight",))
+        return Recipe("copy", (f"{pre}.{n.dense}.down_proj.weight",))
     router = {"ffn.router.weight": "weight", "ffn.router.bias": "bias",
               "ffn.router.expert_bias": "e_score_correction_bias"}
     if rest in router:
@@ -61,6 +61,9 @@ def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
         hf_name, tf = {"w_in": ("gate_up_proj", "t_deint"), "b_in": ("gate_up_proj_bias", "deint"),
                        "w_out": ("down_proj", "t"), "b_out": ("down_proj_bias", None)}[rest[12:]]
         return Recipe("copy", (f"{moe}.experts.{hf_name}",), transform=tf)
+    if n.experts_layout == "llama4" and rest in ("ffn.experts.w_in", "ffn.experts.w_out"):
+        hf_name = "gate_up_proj" if rest.endswith("w_in") else "down_proj"
+        return Recipe("copy", (f"{moe}.experts.{hf_name}",), transform="t")
     if rest == "ffn.experts.w_in":
         pairs = tuple((f"{moe}.experts.{e}.{g}.weight", f"{moe}.experts.{e}.{u}.weight")
                       for e in range(num_experts))

@@ -97,6 +97,30 @@ def test_identical_tokens_leave_experts_empty(router, dispatch):
     check_finite_everywhere(layer, x, torch.full((2, 6), 3, dtype=torch.long))
 
 
+@EVERY_ROUTER_DISPATCH
+def test_hand_set_router_sends_everything_to_one_expert(router, dispatch):
+    """Router weight set by hand (row 2 large, the rest zero) with positive tokens: expert 2
+    is every token's favourite, so it is the most requested and others go empty."""
+    try:
+        cfg = MoEConfig(d_model=D, num_experts=E, top_k=1, d_ff=3, router=router, dispatch=dispatch)
+    except ValueError:
+        cfg = edge_config(router, dispatch)
+    layer = MoELayer(cfg).double().eval()
+    if tuple(layer.router.weight.shape) != (E, D):
+        pytest.skip(f"router {router!r} has no (E, D) projection to set by hand")
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 5.0
+    x = torch.rand(2, 6, D, dtype=torch.float64) + 0.1
+    out = check_finite_everywhere(layer, x, torch.arange(12).view(2, 6))
+    if layer.router.weight.grad is None:
+        pytest.skip(f"router {router!r} does not route by its projection (e.g. by token id)")
+    requested = out.stats.requested_per_expert
+    assert requested[2] == requested.max() and requested[2] > 0
+    if cfg.top_k == 1 and router in ("topk_softmax", "topk_sigmoid", "noisy_topk"):
+        assert requested.tolist() == [0, 0, 12, 0] and int(out.stats.dead_experts) >= 3
+
+
 def one_expert_layer(dispatch: str, capacity_factor: float = 1.0) -> MoELayer:
     """topk_softmax, K=1, router weights set by hand so every positive token picks expert 2."""
     cfg = MoEConfig(d_model=D, num_experts=E, top_k=1, d_ff=3, dispatch=dispatch,

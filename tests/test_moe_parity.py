@@ -147,7 +147,7 @@ def functional_layer(layer: MoELayer, token_ids):
     params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
 
     def f(x, *ps):
-        return functional_call(layer, dict(zip(names, ps)), (x,), {"token_ids": token_ids}).y
+        return functional_call(layer, dict(zip(names, ps, strict=True)), (x,), {"token_ids": token_ids}).y
 
     return f, params
 

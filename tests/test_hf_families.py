@@ -251,3 +251,34 @@ def test_pickle_checkpoint_refused(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"not even read")
     with pytest.raises(ValueError, match="pickle.*does not load it"):
         moekit.from_pretrained(d)
+
+
+# ---- CLI: convert and generate on an HF folder ----
+
+def test_convert_cli_to_bf16_loads_in_transformers(mixtral_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from moekit.cli.main import app
+
+    out = CliRunner().invoke(app, ["convert", str(mixtral_dir), str(tmp_path / "bf16"), "--dtype", "bf16"])
+    assert out.exit_code == 0, out.output
+    src, dst = moekit.from_pretrained(mixtral_dir), moekit.from_pretrained(tmp_path / "bf16")
+    for (name, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    bad = CliRunner().invoke(app, ["convert", str(tmp_path / "none"), str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a folder" in bad.output
+
+
+def test_generate_cli_on_hf_folder(mixtral_dir):
+    from typer.testing import CliRunner
+
+    from moekit.cli.main import app
+
+    out = CliRunner().invoke(app, ["generate", "--run", str(mixtral_dir), "--prompt", "5 6 7",
+                                   "--max-new-tokens", "6", "--temperature", "0"])
+    assert out.exit_code == 0, out.output
+    want = generate(moekit.from_pretrained(mixtral_dir), torch.tensor([5, 6, 7]), 6, temperature=0.0)
+    assert out.output.split() == [str(t) for t in want.tolist()]

@@ -17,13 +17,19 @@ def generate_command(
     seed: int = typer.Option(0, help="sampling seed"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
 ) -> None:
-    """Continue --prompt with the latest complete checkpoint of --run."""
+    """Continue --prompt with the latest complete checkpoint of --run (or an HF checkpoint
+    folder: config.json + safetensors)."""
+    from moekit.models.hf.text import generate_hf_text, is_hf_folder
     from moekit.training.load import generate_text
 
     try:
-        text = generate_text(run, prompt, max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=None if top_p >= 1 else top_p,
-                             seed=seed, device=device)
+        if is_hf_folder(run):
+            text = generate_hf_text(run, prompt, max_new_tokens, temperature=temperature,
+                                    top_k=top_k or None, top_p=None if top_p >= 1 else top_p, seed=seed)
+        else:
+            text = generate_text(run, prompt, max_new_tokens, temperature=temperature,
+                                 top_k=top_k or None, top_p=None if top_p >= 1 else top_p,
+                                 seed=seed, device=device)
     except ValueError as e:
         fail(str(e))
     typer.echo(prompt + text)

@@ -25,6 +25,10 @@ from moekit.cli.inspect import inspect as _inspect  # noqa: E402
 
 app.command(name="inspect")(_inspect)
 
+from moekit.cli.convert import convert as _convert  # noqa: E402
+
+app.command(name="convert")(_convert)
+
 from moekit.cli.compare import compare_command as _compare  # noqa: E402
 from moekit.cli.generate import generate_command as _generate  # noqa: E402
 from moekit.cli.plot import plot_command as _plot  # noqa: E402

@@ -219,17 +219,29 @@ def test_tied_head_shares_storage():
     assert tied.embed.weight.grad is not None
 
 
-def test_token_ids_reach_moe_layers():
+def test_token_ids_and_mask_reach_moe_layers():
     model = build(small_cfg(n_layers=2))
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["token_ids"]),
-                                         with_kwargs=True) for m in model.moe_layers()]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw), with_kwargs=True)
+             for m in model.moe_layers()]
     ids = torch.randint(0, 64, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.bool)
-    model(ids, mask=mask)
+    mask[1, 4:] = False
+    out = model(ids, mask=mask)
     for h in hooks:
         h.remove()
-    assert len(seen) == 2 and all(torch.equal(t, ids) for t in seen)
+    assert len(seen) == 2
+    assert all(torch.equal(kw["token_ids"], ids) and torch.equal(kw["mask"], mask) for kw in seen)
+    # padding is left out of the balance losses: the aux loss changes with the mask
+    assert not torch.allclose(out.aux_loss, model(ids).aux_loss)
+
+
+def test_dropout_only_in_training():
+    model = build(small_cfg(dropout=0.5))
+    ids = torch.randint(0, 64, (2, 6))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
 
 
 # ---------------------------------------------------------------- config

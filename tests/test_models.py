@@ -365,3 +365,17 @@ def test_one_optimizer_step_reduces_loss(moe):
     with torch.no_grad():
         after = model(inputs, targets_BS=targets).loss
     assert after < out.loss - 1e-3
+
+
+def test_one_expert_top1_model_equals_dense_model():
+    """E = 1, K = 1 (renormalised weight 1): every MoE layer is its one expert, so the
+    model equals the dense model holding the same weights."""
+    moe_cfg = small_cfg(moe=False).replace(
+        moe=MoEConfig(d_model=32, num_experts=1, top_k=1, d_ff=48))
+    moe_model, dense_model = build(moe_cfg, dtype=torch.float64), build(small_cfg(moe=False), dtype=torch.float64)
+    sd = {k: v for k, v in moe_model.state_dict().items() if ".router." not in k}
+    sd = {k.replace("experts.w_in", "w_in").replace("experts.w_out", "w_out"): v[0] if ".ffn." in k else v
+          for k, v in sd.items()}
+    dense_model.load_state_dict(sd)
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(moe_model(ids).logits, dense_model(ids).logits, rtol=1e-12, atol=1e-12)

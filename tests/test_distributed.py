@@ -76,22 +76,23 @@ def test_layer_parity_ep4_ep2x2_capacity_empty_and_uneven(tmp_path):
 
 
 def test_lm_training_ep2_matches_ep1_and_resumes_at_ep1_and_ep4(tmp_path):
-    ep2 = run_ok(tmp_path, "train_ep2", 2)
-    ep1 = run_ok(tmp_path, "train_ep1", 1)[0]
-    ep4 = run_ok(tmp_path, "resume_ep4", 4)
-    losses2, losses1 = ep2[0]["losses"], ep1["losses"]
-    assert len(losses2) == len(losses1) == 20
-    diffs = [abs(a - b) for a, b in zip(losses2, losses1)]
+    out = run_ok(tmp_path, "lm", 4)
+    r0 = out[0]
+    assert len(r0["losses"]) == len(r0["ref_losses"]) == STEPS
+    diffs = [abs(a - b) for a, b in zip(r0["losses"], r0["ref_losses"])]
     assert max(diffs) <= 1e-4, diffs
-    assert losses2[-1] < losses2[0]  # it trains
-    assert ep2[0]["clipped_steps"] > 0  # the global grad norm was exercised
-    assert ep2[0]["bias_moved"]  # the aux-loss-free bias moved, identically on both ranks
-    assert ep2[0]["bias"] == ep2[1]["bias"] == pytest.approx(ep1["bias"], abs=1e-7)
-    # next-step loss after save at EP=2, load at EP=1 and EP=4
-    nxt = ep2[0]["next_loss"]
-    assert abs(ep1["next_loss_loaded"] - nxt) <= 1e-5
-    assert all(abs(r["next_loss_loaded"] - nxt) <= 1e-5 for r in ep4)
-    assert ep1["expert_keys_in_file"] == ep1["expert_keys_in_model"] > 0
+    assert r0["losses"][-1] < 0.5 * r0["losses"][0]  # it trains
+    assert r0["clipped_steps"] > 0  # the global grad norm was exercised
+    # the aux-loss-free bias moved, identically on every rank and as at EP=1
+    assert any(abs(b) > 0 for b in r0["bias"])
+    assert all(r["bias"] == r0["bias"] for r in out)
+    assert r0["bias"] == pytest.approx(r0["ref_bias"], abs=1e-7)
+    # saved at EP=2 (weights + AdamW moments), resumed at EP=4 and EP=1: the next steps'
+    # losses equal those of the EP=2 run that kept going
+    for r in out:
+        assert r["after_ep4"] == pytest.approx(r0["after"], abs=1e-5)
+    assert r0["after_ep1"] == pytest.approx(r0["after"], abs=1e-5)
+    assert r0["expert_keys_in_file"] == r0["expert_keys_in_model"] > 0 and r0["full_moments"]
 
 
 def test_dead_rank_fails_others_fast(tmp_path):
@@ -103,6 +104,71 @@ def test_dead_rank_fails_others_fast(tmp_path):
     assert rc0 != 0, "the surviving rank did not fail"
     assert "expert_parallel:" in err0 and "peer rank may have died" in err0, err0
     assert elapsed < 60
+
+
+# ----------------------------------------------------------------- `moekit plan` (in process)
+TINY_MIXTRAL = {"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 16,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 10,
+                "tie_word_embeddings": False}
+
+
+def test_plan_numbers_by_hand():
+    from moekit.distributed.plan import PlanInput, plan
+
+    p = plan(TINY_MIXTRAL, PlanInput(devices=4, ep=2, pp=2, batch_tokens=64, seq=8))
+    # per layer: attention 4·(8·8) = 256, norms 16, router 4·8 = 32, experts 4 x 3·8·16 = 1536;
+    # final norm 8, embedding 80, head 80. dp = 4/2 = 2, edp = 4/(2·2) = 1.
+    assert (p.dp, p.edp, p.moe_layers, p.experts_per_device) == (2, 1, 2, 2)
+    dense = (2 * (256 + 16 + 32) + 8) / 2 + 80  # layers split over 2 stages + the embedding
+    expert = 2 * 1536 / 2 / 2  # over pp and ep
+    assert (p.dense_params_per_device, p.expert_params_per_device) == (dense, expert)
+    assert p.gb_weights * 1e9 == pytest.approx((dense + expert) * 2)  # bf16
+    assert p.gb_grads * 1e9 == pytest.approx((dense + expert) * 4)  # fp32 main grads
+    # fp32 master + 2 fp32 moments = 12 B/param, ZeRO-1 over dp=2 (dense) and edp=1 (experts)
+    assert p.gb_optimizer * 1e9 == pytest.approx(12 * (dense / 2 + expert))
+    # 64 tokens over dp=2 -> 32 per device, 1 MoE layer per stage, K=2 copies of D=8 bf16,
+    # 6 passes (fwd dispatch+combine, bwd, recompute fwd), half of them leave the device
+    assert p.a2a_gb_per_step * 1e9 == pytest.approx(32 * 1 * 2 * 8 * 2 * 6 / 2)
+    # activations, full recompute: in flight min(pp=2, 4 micro-batches) x 1 layer x D, plus one
+    # MoE layer's working set (attention 48 + FFN 152 values/token), 8 tokens, bf16; fp32 logits
+    assert p.gb_activations * 1e9 == pytest.approx((2 * 8 + 200) * 8 * 2 + 8 * 10 * 4)
+    none = plan(TINY_MIXTRAL, PlanInput(devices=4, ep=2, pp=2, batch_tokens=64, seq=8, recompute="none"))
+    assert none.gb_activations * 1e9 == pytest.approx(2 * 200 * 8 * 2 + 8 * 10 * 4)
+    assert none.a2a_gb_per_step == pytest.approx(p.a2a_gb_per_step * 4 / 6)
+
+
+def test_plan_rejects_bad_layouts():
+    from moekit.distributed.plan import PlanInput, plan
+
+    with pytest.raises(ValueError, match="ep=3 is invalid: must divide num_experts = 4"):
+        plan(TINY_MIXTRAL, PlanInput(devices=6, ep=3))
+    with pytest.raises(ValueError, match="devices=6 is invalid: must be divisible by tp·pp = 4"):
+        plan(TINY_MIXTRAL, PlanInput(devices=6, ep=2, tp=2, pp=2))
+    with pytest.raises(ValueError, match="optimizer='lion'"):
+        plan(TINY_MIXTRAL, PlanInput(devices=4, ep=2, optimizer="lion"))
+
+
+def test_plan_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from moekit.cli.main import app
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MIXTRAL))
+    res = CliRunner().invoke(app, ["plan", "--config", str(tmp_path), "--devices", "4", "--ep", "2",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["experts_per_device"] == 2
+    bad = CliRunner().invoke(app, ["plan", "--config", str(tmp_path), "--devices", "4", "--ep", "3"])
+    assert bad.exit_code == 2 and "ep=3" in bad.output
+
+
+def test_expert_parallel_needs_a_process_group():
+    from moekit import MoEConfig, MoELayer
+    from moekit.distributed import expert_parallel
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel(MoELayer(MoEConfig(d_model=8, num_experts=4, d_ff=8)))
 
 
 # ----------------------------------------------------------------- worker side
@@ -224,15 +290,12 @@ def _batch(step: int, rank: int, world: int):
     return ids[:, :-1], ids[:, 1:]
 
 
-def _train(model, rank, world, distributed: bool):
-    import torch.distributed as dist
-
+def _train(model, opt, rank, world, distributed: bool, steps: range):
     from moekit.distributed import allreduce_loads, clip_grad_norm_, sync_gradients
     from moekit.moe.balance.bias import update_expert_bias
 
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     losses, clipped = [], 0
-    for step in range(STEPS):
+    for step in steps:
         x, y = _batch(step, rank, world)
         out = model(x, targets_BS=y)
         loss = out.loss + out.aux_loss
@@ -264,64 +327,63 @@ def _mean_over_ranks(x: torch.Tensor, distributed: bool) -> float:
     return x.item()
 
 
-def _next_loss(model, rank, world, distributed):
-    with torch.no_grad():
-        x, y = _batch(STEPS, rank, world)
-        out = model(x, targets_BS=y)
-        return _mean_over_ranks(out.loss + out.aux_loss, distributed)
-
-
 def _bias(model):
     return [v for layer in model.moe_layers() for v in layer.router.expert_bias.tolist()]
 
 
-def scenario_train_ep2(rank: int, world: int, tmp: Path) -> dict:
-    from safetensors.torch import save_file
-
-    from moekit.distributed import expert_parallel, gather_expert_state
-
-    model = expert_parallel(_lm(), ep_size=2)
-    losses, clipped = _train(model, rank, world, distributed=True)
-    full = gather_expert_state(model)
-    if rank == 0:
-        tmp_file = tmp / "ckpt.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp_file))
-        os.replace(tmp_file, tmp / "ckpt.safetensors")
-    return {"losses": losses, "clipped_steps": clipped, "bias": _bias(model),
-            "bias_moved": any(abs(b) > 0 for b in _bias(model)),
-            "next_loss": _next_loss(model, rank, world, True)}
+def _opt(model):
+    return torch.optim.AdamW(model.parameters(), lr=3e-2)
 
 
-def _load_ckpt(model, tmp: Path) -> int:
+def _names(model):
+    return [n for n, _ in model.named_parameters()]  # optimizer order (no tied weights here)
+
+
+AFTER = range(STEPS, STEPS + 2)  # steps run after the save, by the saver and by each loader
+
+
+def scenario_lm(rank: int, world: int, tmp: Path) -> dict:
+    """On 4 ranks: 20 steps at EP=2 (x DP=2); save in the trainer's checkpoint format
+    (weights + AdamW moments, experts gathered under global ids); 2 more steps. Then the
+    same checkpoint resumed at EP=4 (all ranks) and at EP=1 (rank 0, a plain model through
+    the trainer's single-process loader), each running the same 2 steps. Rank 0 also runs
+    the EP=1 reference: 20 steps of an unwrapped model on the whole batch."""
     from safetensors.torch import load_file
 
-    from moekit.distributed import load_expert_parallel_state
+    from moekit.distributed import expert_keys, expert_parallel, launch
+    from moekit.training import checkpoint as ckpt
 
-    state = load_file(str(tmp / "ckpt.safetensors"))
-    load_expert_parallel_state(model, state, strict=True)  # strict: no key missing
-    return state
-
-
-def scenario_train_ep1(rank: int, world: int, tmp: Path) -> dict:
-    from moekit.distributed import expert_keys
-
-    model = _lm()
-    losses, _ = _train(model, rank, world, distributed=False)
-    bias = _bias(model)
-    fresh = _lm()
-    state = _load_ckpt(fresh, tmp)
-    keys = expert_keys(fresh)
-    assert all(state[k].shape[0] == 8 for k in keys)  # global ids: all 8 experts in the file
-    return {"losses": losses, "bias": bias, "next_loss_loaded": _next_loss(fresh, rank, world, False),
-            "expert_keys_in_model": len(keys), "expert_keys_in_file": sum(k in state for k in keys)}
-
-
-def scenario_resume_ep4(rank: int, world: int, tmp: Path) -> dict:
-    from moekit.distributed import expert_parallel
-
-    model = expert_parallel(_lm(), ep_size=4)
-    _load_ckpt(model, tmp)
-    return {"next_loss_loaded": _next_loss(model, rank, world, True)}
+    out = {}
+    if rank == 0:
+        ref = _lm()
+        out["ref_losses"], _ = _train(ref, _opt(ref), 0, 1, False, range(STEPS))
+        out["ref_bias"] = _bias(ref)
+    model = expert_parallel(_lm(), ep_size=2)
+    opt = _opt(model)
+    out["losses"], out["clipped_steps"] = _train(model, opt, rank, world, True, range(STEPS))
+    out["bias"] = _bias(model)
+    tensors, meta = ckpt.optimizer_to_flat(opt, _names(model))
+    path = launch.save_checkpoint(ckpt.save_checkpoint, tmp / "ckpt", STEPS, model, tensors,
+                                  {"optimizer": meta}, keep_last=1)
+    out["after"], _ = _train(model, opt, rank, world, True, AFTER)
+    # resume at EP=4
+    model4 = expert_parallel(_lm(), ep_size=4)
+    opt4 = _opt(model4)
+    tensors, meta = launch.load_checkpoint(ckpt.load_checkpoint, path, model4)
+    ckpt.optimizer_from_flat(opt4, _names(model4), tensors, meta["optimizer"])
+    out["after_ep4"], _ = _train(model4, opt4, rank, world, True, AFTER)
+    if rank == 0:  # resume at EP=1: no process group involved
+        plain = _lm()
+        opt1 = _opt(plain)
+        tensors, meta = ckpt.load_checkpoint(path, plain)  # strict: no key missing
+        ckpt.optimizer_from_flat(opt1, _names(plain), tensors, meta["optimizer"])
+        keys = expert_keys(plain)
+        saved = load_file(str(path / "model.safetensors"))
+        out["expert_keys_in_model"] = len(keys)
+        out["expert_keys_in_file"] = sum(k in saved and saved[k].shape[0] == 8 for k in keys)
+        out["full_moments"] = all(tensors[f"optim/{k}/exp_avg"].shape[0] == 8 for k in keys)
+        out["after_ep1"], _ = _train(plain, opt1, 0, 1, False, AFTER)
+    return out
 
 
 def scenario_die(rank: int, world: int, tmp: Path) -> dict:

@@ -29,6 +29,8 @@ def compare(cfg: TrainConfig, out_dir: str | Path, moe_preset: str = "tiny",
     dense_fpt = train_flops_per_token(MoELM(model_config(base.replace(preset=dense_preset), vocab)),
                                       cfg.seq_len)
     steps = max(1, round(cfg.steps * moe_meta["train_flops_per_token"] / dense_fpt))
+    # evaluate at the same FLOPs as the MoE run, so the curves can be read side by side
+    eval_every = max(1, round(cfg.eval_every * steps / cfg.steps))
     train(base.replace(preset=dense_preset, out_dir=str(dense_dir), steps=steps,
-                       save_every=max(cfg.save_every, steps)))
+                       eval_every=eval_every, save_every=max(cfg.save_every, steps)))
     return write_report(out_dir, moe_dir, dense_dir)

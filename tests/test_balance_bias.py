@@ -73,6 +73,9 @@ def test_update_router_biases_skips_layers_without_bias():
     with pytest.raises(ValueError, match="3 MoE routers"):
         update_router_biases(model, loads[:2])
     acc = LoadAccumulator()
-    acc.add([MoELayer(sigmoid_cfg())(torch.randn(4, 16)).stats] * 3)
+    stats = MoELayer(sigmoid_cfg())(torch.randn(4, 16)).stats
+    acc.add([stats, None, stats, stats])  # None: a dense layer of an LM
+    assert len(acc.loads) == 3 and acc.step(model) == 2
+    acc.add([stats] * 3)
     with pytest.raises(ValueError, match="layers"):
         acc.add([MoELayer(sigmoid_cfg())(torch.randn(4, 16)).stats])

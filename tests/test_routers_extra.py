@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from moekit import MoEConfig, MoELayer
 from moekit.moe.router.dselect_k import smooth_step
 from moekit.moe.router.dts import step_dts_schedule
-from moekit.moe.router.expert_dropout import drop_expert_slots
 from moekit.moe.router.expert_choice import expert_capacity
+from moekit.moe.router.expert_dropout import drop_expert_slots
 
 
 @contextmanager

@@ -34,7 +34,7 @@ def update_router_biases(model: torch.nn.Module, loads: list[torch.Tensor], rate
     if len(loads) != len(routers):
         raise ValueError(f"update_router_biases: got {len(loads)} loads for {len(routers)} MoE routers")
     moved = 0
-    for router, load_E in zip(routers, loads):
+    for router, load_E in zip(routers, loads, strict=True):
         bias_E = getattr(router, "expert_bias", None)
         if bias_E is None:
             continue
@@ -53,7 +53,7 @@ class LoadAccumulator:
         optimizer.step(); acc.step(model)
 
     add() takes one RoutingStats (a single MoELayer) or a list of them (one per layer,
-    in module order). The loads are `requested_per_expert`: the router's choices before
+    in module order; None entries, dense layers, are skipped). The loads are `requested_per_expert`: the router's choices before
     capacity drops, which is what the bias steers.
     """
 
@@ -64,13 +64,14 @@ class LoadAccumulator:
     @torch.no_grad()
     def add(self, stats) -> None:
         per_layer = stats if isinstance(stats, (list, tuple)) else [stats]
+        per_layer = [s for s in per_layer if s is not None]  # LMOutput.stats: None for dense layers
         counts = [s.requested_per_expert.detach().float() for s in per_layer]
         if self.loads is None:
             self.loads = [c.clone() for c in counts]
             return
         if len(counts) != len(self.loads):
             raise ValueError(f"LoadAccumulator.add: {len(counts)} layers, earlier micro-batches had {len(self.loads)}")
-        for acc, c in zip(self.loads, counts):
+        for acc, c in zip(self.loads, counts, strict=True):
             acc.add_(c)
 
     def step(self, model: torch.nn.Module) -> int:

@@ -63,7 +63,8 @@ class DTSRouter(Router):
         self.schedule_step.fill_(int(step))
 
     def schedule(self) -> tuple[float, float, float]:
-        """(frac, τ, θ) at the current step."""
+        """(frac, τ, θ) at the current step. Reading the step buffer is one host sync per
+        forward on CUDA; it keeps the schedule in checkpoints."""
         frac = min(1.0, int(self.schedule_step) / self.anneal_steps)
         tau = self.temp_start * (self.temp_end / self.temp_start) ** frac
         return frac, tau, frac * self.threshold_end

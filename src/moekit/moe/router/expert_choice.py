@@ -11,6 +11,7 @@ them as `unrouted_fraction`.
 
 NOTE: an expert's choice looks at every token of the batch, so routing is not causal
 (a token's experts depend on later tokens); the paper uses it in pre-training only.
+Routers do not see the padding mask, so padding tokens compete for the C places.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 & Hinton 1991, "Adaptive Mixtures of Local Experts", eq. 1: y = Σ_e p_e(x) · o_e(x)).
 
 All E slots are used whatever top_k is (top_k is ignored), so the layer costs E expert
-FFNs per token: the dense baseline every sparse router is an approximation of. For Soft
-MoE (Puigcerver et al. 2023), which mixes tokens into slots, see `soft_moe`.
+FFNs per token: the dense baseline every sparse router is an approximation of. Use it
+with dropless dispatch: capacity dispatch sizes C for top_k slots per token and would
+drop most of the E. For Soft MoE (Puigcerver et al. 2023), which mixes tokens into
+slots, see `soft_moe`.
 """
 
 from __future__ import annotations

@@ -166,6 +166,14 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     assert not list(tmp_path.joinpath("out").glob("*.tmp"))  # atomic writes cleaned up
 
 
+def test_inspect_counts_the_loaded_model(pair):
+    from moekit.models.accounting import count_parameters, load_config
+
+    family, folder, hf, mk = pair
+    report = count_parameters(load_config(folder))
+    assert report.total == mk.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
 def test_sharded_save_reloads(pair, tmp_path):
     family, _, _, mk = pair
     mk.save_pretrained(tmp_path / "sh", max_shard_bytes=20_000)

@@ -79,7 +79,7 @@ def test_lm_training_ep2_matches_ep1_and_resumes_at_ep1_and_ep4(tmp_path):
     out = run_ok(tmp_path, "lm", 4)
     r0 = out[0]
     assert len(r0["losses"]) == len(r0["ref_losses"]) == STEPS
-    diffs = [abs(a - b) for a, b in zip(r0["losses"], r0["ref_losses"])]
+    diffs = [abs(a - b) for a, b in zip(r0["losses"], r0["ref_losses"], strict=True)]
     assert max(diffs) <= 1e-4, diffs
     assert r0["losses"][-1] < 0.5 * r0["losses"][0]  # it trains
     assert r0["clipped_steps"] > 0  # the global grad norm was exercised
@@ -213,7 +213,7 @@ def _layer_case(cfg, rank, world, ep_size, bias=None, tokens=6):
     loss.backward()
     sync_gradients(ep)
     ref_outs = [ref(x) for x in xs]
-    ref_losses = [((o.y - t) ** 2).mean() + o.aux_loss for o, t in zip(ref_outs, ts)]
+    ref_losses = [((o.y - t) ** 2).mean() + o.aux_loss for o, t in zip(ref_outs, ts, strict=True)]
     (sum(ref_losses) / world).backward()
     diffs = {"y": _maxdiff(out.y, ref_outs[rank].y), "loss": _maxdiff(loss, ref_losses[rank])}
     lo, hi = ep.experts.expert_offset, ep.experts.expert_offset + ep.experts.num_local_experts
@@ -311,7 +311,7 @@ def _train(model, opt, rank, world, distributed: bool, steps: range):
         loads = [s.requested_per_expert.float() for s in out.stats if s is not None]
         if distributed:
             allreduce_loads(loads)
-        for layer, load in zip(model.moe_layers(), loads):
+        for layer, load in zip(model.moe_layers(), loads, strict=True):
             update_expert_bias(layer.router.expert_bias, load, layer.cfg.bias_update_rate)
         losses.append(_mean_over_ranks(loss.detach(), distributed))
     return losses, clipped

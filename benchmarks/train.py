@@ -8,18 +8,21 @@ so that drift in machine load hits all of them alike; the median round is report
 A step is forward, loss (+ aux loss), backward, AdamW step, on a fresh random batch.
 Run by hand (not a test):
 
-    python benchmarks/train.py                      # 2 threads, batch 8 x 256, 7 rounds
+    python benchmarks/train.py                      # 2 threads, batch 16 x 128 (moekit train default), 7 rounds
     python benchmarks/train.py --breakdown          # + fwd+bwd time per component
     python benchmarks/train.py --hf qwen3 --hf-experts eager
 
-Measured 2026-11-22 (torch 2.13 CPU, 2-core VM shared with other jobs, load ~9-12),
-batch 8 x 256, tokens per process-CPU second (wall-clock in brackets):
-  --threads 1:  tiny 8001 (4964), dense 9110 (5337), HF Mixtral grouped_mm 8160 (4694)
-                -> MoE/dense 0.88 (0.93), MoE/HF 0.98x (1.06x); HF eager experts: 0.99x
-  Per block (1 thread, fwd+bwd, CPU ms): attention 28, MoE FFN 25 (grouped experts 22,
-  router 1.1, dispatch 0.1, losses+stats 0.1), dense FFN 18; HF's MoE block 27 and
-  attention 30. Attention is half of a step, so the MoE layer alone cannot make the
-  model 2x faster than transformers at these shapes.
+Measured 2026-11-22 (torch 2.13 CPU, 2-core VM shared with other jobs, load ~8-12),
+tokens per process-CPU second (wall-clock in brackets), --threads 1:
+  batch 16 x 128: tiny 8868 (3576), dense 10462 (4314), HF Mixtral grouped_mm 9058 (3494)
+                  -> MoE/dense 0.85 (0.83), MoE/HF 0.98x (1.02x)
+  batch 8 x 256:  MoE/dense 0.88 (0.93), MoE/HF 0.98x (1.06x); HF eager experts 0.99x
+  MoE/dense by tokens per step (x 256 seq): 256 -> 0.63, 1024 -> 0.72, 4096 -> 0.93.
+  Per block at T=2048 (fwd+bwd, CPU ms): attention 20-28, MoE FFN 24-25 (grouped experts
+  22, router 1, dispatch 0.1, losses+stats 0.1), dense FFN 17-18, HF MoE block 22-27.
+  The experts' GEMMs take the same time as the dense FFN's; the gap is gather/scatter
+  and the element-wise SwiGLU backward on R = T·K rows. Attention is ~half of a step,
+  so the MoE layer alone cannot make the model 2x faster than transformers here.
   --threads 2 on the loaded machine: every op is ~10x slower (even RMSNorm: 0.7 -> 60
   ms; OpenMP barriers wait for descheduled threads) and MoE/dense falls to 0.4-0.65,
   since the MoE step issues ~3.4x more GEMM calls (per expert, per chunk) than the
@@ -205,8 +208,8 @@ def _hf_attention(hf, x_BSD):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--vocab", type=int, default=260)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")

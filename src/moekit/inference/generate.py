@@ -42,8 +42,8 @@ def _nucleus(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et
     al. 2020, "The Curious Case of Neural Text Degeneration" §3.1); the top token always stays."""
     sorted_BV, order_BV = torch.sort(logits_BV, descending=True, dim=-1)
-    cum_BV = torch.softmax(sorted_BV, dim=-1).cumsum(-1)
-    drop_sorted_BV = (cum_BV - torch.softmax(sorted_BV, dim=-1)) >= top_p  # mass before this token
+    probs_BV = torch.softmax(sorted_BV, dim=-1)
+    drop_sorted_BV = (probs_BV.cumsum(-1) - probs_BV) >= top_p  # mass before this token
     drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
     return logits_BV.masked_fill(drop_BV, float("-inf"))
 

@@ -2,8 +2,8 @@
 
 from moekit.training.config import DataConfig, TrainConfig, apply_overrides
 from moekit.training.run import TrainResult, train
-from moekit.training.step import StepResult, train_step, update_router_biases
+from moekit.training.step import StepResult, apply_bias_update, train_step
 from moekit.training.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["DataConfig", "TrainConfig", "apply_overrides", "TrainResult", "train", "StepResult",
-           "train_step", "update_router_biases", "NonFiniteLossError", "Trainer"]
+           "train_step", "apply_bias_update", "NonFiniteLossError", "Trainer"]

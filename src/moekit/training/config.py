@@ -63,7 +63,7 @@ class TrainConfig:
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # LMConfig overrides
     data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 600
+    steps: int = 1200  # the default run: ~5 min on 2 quiet CPU cores (README)
     batch_size: int = 16  # sequences per optimizer step (split over grad_accum micro-steps)
     seq_len: int = 128
     grad_accum: int = 1
@@ -72,10 +72,10 @@ class TrainConfig:
     warmup: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 100
+    eval_every: int = 200
     eval_batches: int = 8
-    log_every: int = 10
-    save_every: int = 200
+    log_every: int = 50
+    save_every: int = 300
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     seed: int = 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.moe.balance import update_expert_bias
+from moekit.moe.balance import update_router_biases
 
 
 @dataclass(frozen=True)
@@ -61,24 +61,15 @@ def layer_loads(stats) -> torch.Tensor | None:
 def reduce_loads(loads_LE: torch.Tensor) -> torch.Tensor:
     """Hook for data parallelism: all-reduce the loads so every rank moves its bias the
     same way. On one process the local load is the global one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from moekit.distributed import allreduce_loads
-
-        allreduce_loads(loads_LE)
     return loads_LE
 
 
 @torch.no_grad()
-def update_router_biases(model, loads_LE: torch.Tensor | None) -> None:
-    """DeepSeek-V3 aux-loss-free balancing (§2.1.2): one bias step per optimizer step, for
-    every MoE layer whose router keeps an `expert_bias`."""
-    if loads_LE is None:
-        return
-    loads_LE = reduce_loads(loads_LE)
-    for layer, load_E in zip(model.moe_layers(), loads_LE, strict=True):
-        bias_E = getattr(layer.router, "expert_bias", None)
-        if bias_E is not None and layer.cfg.bias_update_rate > 0:
-            update_expert_bias(bias_E, load_E, layer.cfg.bias_update_rate)
+def apply_bias_update(model, loads_LE: torch.Tensor | None) -> None:
+    """DeepSeek-V3 aux-loss-free balancing (§2.1.2): one bias step per optimizer step, from
+    the whole batch's load, for every MoE layer whose router keeps an `expert_bias`."""
+    if loads_LE is not None:
+        update_router_biases(model, list(reduce_loads(loads_LE)))
 
 
 def train_step(model, optimizer, micro_batches, *, lr: float, grad_clip: float,
@@ -88,8 +79,9 @@ def train_step(model, optimizer, micro_batches, *, lr: float, grad_clip: float,
         group["lr"] = lr
     loss, aux, loads_LE = accumulate(model, micro_batches, device, dtype)
     ep = _ep_hooks(model)
-    if ep is not None:  # expert parallel: average grads over replicas, global loss
+    if ep is not None:  # expert parallel: average grads over replicas, global loss and loads
         loss, aux = ep.after_backward(model, loss, aux)
+        loads_LE = ep.reduce_loads(loads_LE)
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = float(ep.clip_global(model, max_norm) if ep is not None
@@ -97,7 +89,7 @@ def train_step(model, optimizer, micro_batches, *, lr: float, grad_clip: float,
     skipped = not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
-        update_router_biases(model, loads_LE)
+        apply_bias_update(model, loads_LE)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, aux, grad_norm, loads_LE, skipped)
 

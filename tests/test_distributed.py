@@ -30,17 +30,20 @@ PG_TIMEOUT_S = 30
 
 # ----------------------------------------------------------------- launcher (pytest side)
 def launch(tmp: Path, scenario: str, world: int, timeout: float = 120.0) -> list[tuple[int, str]]:
-    """Run `world` worker processes; return (returncode, stderr tail) per rank."""
+    """Run `world` worker processes; return (returncode, stderr tail) per rank. Output goes
+    to files, not pipes, so a chatty rank can never block on a full pipe."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     (tmp / f"store-{scenario}").unlink(missing_ok=True)
-    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(tmp)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-             for r in range(world)]
-    deadline, results = time.monotonic() + timeout, []
+    logs = [tmp / f"{scenario}-{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(tmp)],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env))
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((p.returncode, err[-3000:]))
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"scenario {scenario!r} hung for more than {timeout}s")
     finally:
@@ -48,7 +51,7 @@ def launch(tmp: Path, scenario: str, world: int, timeout: float = 120.0) -> list
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return results
+    return [(p.returncode, log.read_text()[-3000:]) for p, log in zip(procs, logs, strict=True)]
 
 
 def run_ok(tmp: Path, scenario: str, world: int) -> list[dict]:
@@ -93,6 +96,9 @@ def test_lm_training_ep2_matches_ep1_and_resumes_at_ep1_and_ep4(tmp_path):
         assert r["after_ep4"] == pytest.approx(r0["after"], abs=1e-5)
     assert r0["after_ep1"] == pytest.approx(r0["after"], abs=1e-5)
     assert r0["expert_keys_in_file"] == r0["expert_keys_in_model"] > 0 and r0["full_moments"]
+    # the trainer itself (`moekit train --ep 2` on 4 ranks) against its single-process run
+    assert len(r0["trainer_losses"]) == len(r0["trainer_ref_losses"]) == 4
+    assert r0["trainer_losses"] == pytest.approx(r0["trainer_ref_losses"], abs=1e-5)
 
 
 def test_dead_rank_fails_others_fast(tmp_path):
@@ -383,7 +389,36 @@ def scenario_lm(rank: int, world: int, tmp: Path) -> dict:
         out["expert_keys_in_file"] = sum(k in saved and saved[k].shape[0] == 8 for k in keys)
         out["full_moments"] = all(tensors[f"optim/{k}/exp_avg"].shape[0] == 8 for k in keys)
         out["after_ep1"], _ = _train(plain, opt1, 0, 1, False, AFTER)
+    out["trainer_losses"] = _trainer_losses(tmp, ep=2)  # `moekit train --ep 2` path, 4 ranks
+    if rank == 0:
+        out["trainer_ref_losses"] = _trainer_losses(tmp, ep=0)  # single process, plain model
     return out
+
+
+def _trainer_losses(tmp: Path, ep: int) -> list[float]:
+    """A 4-step run of moekit.training.train on a small text file; its logged losses."""
+    from moekit.training import TrainConfig, train
+    from moekit.training.metrics import read_metrics
+
+    text = tmp / "corpus.txt"
+    if not text.exists() and int(os.environ.get("RANK", 0)) == 0:
+        text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)))
+    os.environ.setdefault("RANK", os.environ["MOEKIT_TEST_RANK"])  # what torchrun would set
+    os.environ.setdefault("WORLD_SIZE", os.environ["MOEKIT_TEST_WORLD"])
+    if ep:
+        import torch.distributed as dist
+
+        dist.barrier()  # the corpus is written
+    moe = {"d_ff": 32, "aux_loss_coef": 0.0, "router": "topk_sigmoid", "bias_update_rate": 0.01}
+    cfg = TrainConfig(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2,
+                             "dense_d_ff": 32, "moe": moe},
+                      data={"path": str(text), "val_fraction": 0.1}, steps=4, batch_size=8,
+                      seq_len=32, warmup=1, eval_every=4, eval_batches=1, log_every=100,
+                      save_every=4, sample_tokens=0, device="cpu", out_dir=str(tmp / f"run-ep{ep}"))
+    train(cfg, ep=ep)
+    if ep and int(os.environ["RANK"]) != 0:
+        return []
+    return [r["loss"] for r in read_metrics(tmp / f"run-ep{ep}") if r["kind"] == "train"]
 
 
 def scenario_die(rank: int, world: int, tmp: Path) -> dict:
@@ -402,9 +437,9 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     scenario, rank, world, tmp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    os.environ["MOEKIT_TEST_RANK"], os.environ["MOEKIT_TEST_WORLD"] = str(rank), str(world)
     torch.set_num_threads(1)
     _init(rank, world, tmp, scenario)
     result = globals()[f"scenario_{scenario}"](rank, world, tmp)
     (tmp / f"{scenario}-{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.destroy_process_group()  # no final barrier: ranks that finish early just leave

@@ -22,7 +22,7 @@ from torch import nn
 
 from moekit.distributed.checkpoint import expert_keys, gather_expert_state, shard_expert_state
 from moekit.distributed.comm import _run
-from moekit.distributed.grads import clip_grad_norm_, sync_gradients
+from moekit.distributed.grads import allreduce_loads, clip_grad_norm_, sync_gradients
 from moekit.distributed.wrap import expert_parallel, groups_of
 
 
@@ -100,6 +100,11 @@ def after_backward(model: nn.Module, loss: float, aux: float) -> tuple[float, fl
     _run("loss all-reduce", None, dist.all_reduce, t)
     t /= dist.get_world_size()
     return float(t[0]), float(t[1])
+
+
+def reduce_loads(loads_LE: torch.Tensor | None) -> torch.Tensor | None:
+    """Global expert loads, so every rank moves its router bias the same way."""
+    return loads_LE if loads_LE is None else allreduce_loads(loads_LE)
 
 
 def clip_global(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -251,6 +251,14 @@ def test_config_field_out_of_range(mixtral_dir, tmp_path):
         moekit.from_pretrained(d)
 
 
+def test_quantized_checkpoint_refused(mixtral_dir, tmp_path):
+    d = _copy(mixtral_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match="quantization_config.*dequantize"):
+        moekit.from_pretrained(d)
+
+
 def test_pickle_checkpoint_refused(tmp_path):
     d = tmp_path / "bin"
     d.mkdir()

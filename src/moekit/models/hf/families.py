@@ -69,6 +69,8 @@ def rope_params(hf: dict) -> tuple[float, dict]:
 def _base(hf: dict, max_seq_len: int | None, window_ok: bool = False, **kw) -> dict:
     """LMConfig fields every decoder family shares."""
     theta, rope = rope_params(hf)
+    _refuse(hf, "quantization_config", lambda v: False,
+            "quantized checkpoints (fp8 blocks, mxfp4) are not loaded; dequantize to bf16 first")
     _refuse(hf, "sliding_window", lambda v: window_ok or not hf.get("use_sliding_window", True) or
             v >= (max_seq_len or hf.get("max_position_embeddings", 0)),
             "sliding-window attention is not implemented for this family")
@@ -215,11 +217,16 @@ FAMILIES.register("llama4_text")(Family(llama4_text, Names(
     dense="feed_forward")))
 FAMILIES.register("deepseek_v2")(Family(deepseek_v2, Names(shared="shared_experts")))
 FAMILIES.register("deepseek_v3")(Family(deepseek_v3, Names(shared="shared_experts")))
+# Kimi K2 ships DeepSeek-V3's architecture and weight names under its own model_type
+FAMILIES.register("kimi_k2")(Family(deepseek_v3, Names(shared="shared_experts")))
 
 
 def lm_config_from_hf(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
     """Build the moekit config of an HF config.json dict; unknown model_type -> ValueError."""
     mt = hf.get("model_type")
+    if mt == "llama4" and isinstance(hf.get("text_config"), dict):
+        raise ValueError("config.json: model_type 'llama4' is the multimodal checkpoint; only the "
+                         "text model (model_type 'llama4_text', Llama4ForCausalLM) is supported")
     if mt not in FAMILIES:
         raise ValueError(f"config.json: model_type {mt!r} is not supported; "
                          f"valid: {', '.join(FAMILIES.names())}")

@@ -166,22 +166,41 @@ def plan(cfg: dict, inp: PlanInput) -> Plan:
     check(inp, rep.num_experts)
     s = shapes_of(cfg, rep)
     dp, edp = inp.devices // (inp.tp * inp.pp), inp.devices // (inp.pp * inp.ep)
-    # --- parameters on the heavier end stage
+    micro_batches = max(1, math.ceil(inp.batch_tokens / (dp * inp.micro_batch * inp.seq)))
+    dense_dev, expert_dev = _params_per_device(rep, inp)
+    weights, grads, optimizer = _state_bytes(dense_dev, expert_dev, dp, edp, inp)
+    acts = _activation_bytes(s, inp, micro_batches)
+    tokens_dev = inp.batch_tokens / dp / inp.tp  # each device's share of its replica's tokens
+    a2a, internode, dedup = _a2a_bytes(cfg, s, inp, tokens_dev)
+    gb = 1e9
+    return Plan(inp, dp, edp, micro_batches, s.moe_layers, s.num_experts // inp.ep, dense_dev, expert_dev,
+                weights / gb, grads / gb, optimizer / gb, acts / gb,
+                (weights + grads + optimizer + acts) / gb, a2a / gb, internode / gb,
+                None if dedup is None else dedup / gb, tokens_dev, _notes(cfg, s, inp))
+
+
+def _params_per_device(rep: ParamReport, inp: PlanInput) -> tuple[float, float]:
+    """(non-expert, routed-expert) parameters on the heavier end stage."""
     embed = rep.input_embedding
     head = next((p.params for p in rep.parts if p.name == "lm_head"), 0)
     layer_dense = rep.non_expert_params - embed - head + rep.shared_expert_params
     dense_dev = layer_dense / inp.pp / inp.tp + max(embed, head) / inp.tp
-    expert_dev = rep.routed_expert_params / inp.pp / inp.ep
+    return dense_dev, rep.routed_expert_params / inp.pp / inp.ep
+
+
+def _state_bytes(dense_dev: float, expert_dev: float, dp: int, edp: int, inp: PlanInput):
+    """Bytes of weights, gradients and optimizer state (fp32 master + moments, ZeRO-1)."""
     b = DTYPE_BYTES
     weights = (dense_dev + expert_dev) * b[inp.dtype]
     grads = (dense_dev + expert_dev) * b[inp.grad_dtype]
-    per_param_opt = 4 * (inp.dtype != "fp32") + OPTIMIZER_STATES[inp.optimizer] * b[inp.moment_dtype]
+    per_param = 4 * (inp.dtype != "fp32") + OPTIMIZER_STATES[inp.optimizer] * b[inp.moment_dtype]
     shard_d, shard_e = (dp, edp) if inp.zero else (1, 1)
-    optimizer = per_param_opt * (dense_dev / shard_d + expert_dev / shard_e)
-    # --- activations
+    return weights, grads, per_param * (dense_dev / shard_d + expert_dev / shard_e)
+
+
+def _activation_bytes(s: Shapes, inp: PlanInput, micro_batches: int) -> float:
     tokens_mb = inp.micro_batch * inp.seq / inp.tp  # sequence parallel over TP
-    micro_batches = max(1, math.ceil(inp.batch_tokens / (dp * inp.micro_batch * inp.seq)))
-    in_flight = min(inp.pp, micro_batches)
+    in_flight = min(inp.pp, micro_batches)  # 1F1B, first stage
     layers_stage = math.ceil(s.layers / inp.pp)
     moe_stage = math.ceil(s.moe_layers / inp.pp)
     work = [_layer_act_elems(s, True)] * moe_stage + [_layer_act_elems(s, False)] * (layers_stage - moe_stage)
@@ -190,22 +209,18 @@ def plan(cfg: dict, inp: PlanInput) -> Plan:
     else:
         elems = in_flight * sum(work) * tokens_mb
     logits = inp.micro_batch * inp.seq * s.vocab / inp.tp * 4  # fp32, vocab-split, last stage
-    acts = elems * b[inp.dtype] + logits
-    # --- all-to-all
-    tokens_dev = inp.batch_tokens / dp / inp.tp  # each device's share of its replica's tokens
+    return elems * DTYPE_BYTES[inp.dtype] + logits
+
+
+def _a2a_bytes(cfg: dict, s: Shapes, inp: PlanInput, tokens_dev: float):
+    """(off-device, off-node, off-node with node-limited dedup or None) bytes sent per step."""
     passes = 6 if inp.recompute == "full" else 4  # fwd dispatch+combine, bwd both, (re-fwd)
-    a2a_b = b[inp.a2a_dtype or inp.dtype]
-    per_dev = tokens_dev * moe_stage * s.top_k * s.d * a2a_b * passes
-    a2a = per_dev * (inp.ep - 1) / inp.ep
+    per_dev = (tokens_dev * math.ceil(s.moe_layers / inp.pp) * s.top_k * s.d
+               * DTYPE_BYTES[inp.a2a_dtype or inp.dtype] * passes)
     internode = per_dev * max(0.0, 1 - inp.gpus_per_node / inp.ep)
     m = _node_limit(cfg, inp)  # DeepSeek-V3 §2.1.2/§3.2.2: a token goes to <= M nodes, once each
-    dedup = None if m is None else per_dev / s.top_k * min(m, s.top_k) / 1e9
-    gb = 1e9
-    notes = _notes(cfg, s, inp)
-    return Plan(inp, dp, edp, micro_batches, s.moe_layers, s.num_experts // inp.ep, dense_dev, expert_dev,
-                weights / gb, grads / gb, optimizer / gb, acts / gb,
-                (weights + grads + optimizer + acts) / gb, a2a / gb, internode / gb, dedup,
-                tokens_dev, notes)
+    dedup = None if m is None else per_dev / s.top_k * min(m, s.top_k)
+    return per_dev * (inp.ep - 1) / inp.ep, internode, dedup
 
 
 def _node_limit(cfg: dict, inp: PlanInput) -> int | None:

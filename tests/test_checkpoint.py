@@ -116,7 +116,8 @@ def resume(text_file: Path, out: Path) -> None:
 def test_resume_after_kill9_at_a_random_step_is_bit_identical(text_file, reference, tmp_path):
     kill_at = random.SystemRandom().randint(7, 45)
     out = tmp_path / "run"
-    proc = start(text_file, out)
+    # the pause at step 55 only guarantees the run cannot finish before a starved test kills it
+    proc = start(text_file, out, env={"MOEKIT_TEST_CHECKPOINT_PAUSE": "55:60"})
     wait_for(lambda: last_logged_step(out) >= kill_at, proc)
     kill9(proc)
     killed_at = last_logged_step(out)
@@ -128,7 +129,7 @@ def test_resume_after_kill9_at_a_random_step_is_bit_identical(text_file, referen
 
 def test_kill9_during_a_checkpoint_write_never_loads_half_a_checkpoint(text_file, reference, tmp_path):
     out = tmp_path / "run"
-    proc = start(text_file, out, env={"MOEKIT_TEST_CHECKPOINT_PAUSE": "0.3"})
+    proc = start(text_file, out, env={"MOEKIT_TEST_CHECKPOINT_PAUSE": "10:60"})
     tmp_dir = out / "checkpoints" / f".tmp-step_00000010-{proc.pid}"
     wait_for(lambda: (tmp_dir / "model.safetensors").exists(), proc)
     kill9(proc)

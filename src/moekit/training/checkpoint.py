@@ -28,8 +28,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-# Test hook only: seconds to sleep in the middle of a write, so a test can kill the
-# writer while the temp folder is half written.
+# Test hook only: sleep in the middle of one write, so a test can kill the writer while
+# the temp folder is half written.
 _PAUSE_ENV = "MOEKIT_TEST_CHECKPOINT_PAUSE"
 
 
@@ -59,8 +59,7 @@ def save_checkpoint(root: str | Path, step: int, model, tensors: dict[str, torch
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "train_state.safetensors"))
-    if os.environ.get(_PAUSE_ENV):
-        time.sleep(float(os.environ[_PAUSE_ENV]))
+    _test_pause(step)
     _write_json(tmp / "train_state.json", meta)
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
@@ -76,6 +75,15 @@ def save_checkpoint(root: str | Path, step: int, model, tensors: dict[str, torch
     _fsync(root)
     prune(root, keep_last)
     return final
+
+
+def _test_pause(step: int) -> None:
+    """MOEKIT_TEST_CHECKPOINT_PAUSE="STEP:SECONDS" sleeps mid-write at that step (tests only)."""
+    value = os.environ.get(_PAUSE_ENV)
+    if value:
+        at, _, seconds = value.partition(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
 
 
 def is_valid(path: str | Path) -> bool:

@@ -73,5 +73,5 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if loads:
         last = loads[-1]
         paths.append(plot_load_heatmap(last["load"], run_dir / "expert_load.png",
-                                       title=f"expert load, steps up to {last['step']}"))
+                                       title=f"expert load since the previous eval (step {last['step']})"))
     return paths

@@ -21,7 +21,12 @@ from moekit.data import ByteTokenizer, TokenData
 from moekit.data.corpus import split_corpus
 from moekit.models import MoELM
 from moekit.training import TrainConfig, Trainer, train
-from moekit.training.checkpoint import is_valid, latest_checkpoint, list_checkpoints, load_checkpoint
+from moekit.training.checkpoint import (
+    is_valid,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from moekit.training.run import model_config
 
 SETS = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=2",

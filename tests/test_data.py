@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from moekit.data import (
-    BatchSampler, ByteTokenizer, TokenData, build_token_data, encode_docs, eval_batches,
-    path_corpus, stdlib_corpus, unigram_bits_per_byte, windows,
+    BatchSampler,
+    ByteTokenizer,
+    TokenData,
+    build_token_data,
+    encode_docs,
+    eval_batches,
+    path_corpus,
+    stdlib_corpus,
+    unigram_bits_per_byte,
+    windows,
 )
 from moekit.data.corpus import is_val_path, split_corpus, stdlib_files
 
@@ -95,7 +103,7 @@ def test_byte_tokenizer_round_trip():
 
 def test_bpe_tokenizer_trains_saves_and_reloads(tmp_path):
     pytest.importorskip("tokenizers")
-    docs = [("def function_%d(value):\n    return value + %d\n" % (i, i)).encode() for i in range(300)]
+    docs = [f"def function_{i}(value):\n    return value + {i}\n".encode() for i in range(300)]
     c = split_corpus("fn", [f"f{i}.py" for i in range(300)], docs, 0.1)
     data = build_token_data(c, "bpe", 300, tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()

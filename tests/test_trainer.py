@@ -13,7 +13,14 @@ import torch
 from moekit.data import ByteTokenizer, TokenData
 from moekit.data.corpus import split_corpus
 from moekit.models import MoELM, get_preset
-from moekit.training import DataConfig, NonFiniteLossError, TrainConfig, Trainer, apply_overrides, train
+from moekit.training import (
+    DataConfig,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    apply_overrides,
+    train,
+)
 from moekit.training.schedule import lr_at
 from moekit.training.step import accumulate, build_optimizer, train_step
 

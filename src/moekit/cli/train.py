@@ -71,10 +71,13 @@ def train_command(
     ep: int = typer.Option(0, "--ep", help="expert-parallel size under torchrun (0: single process)"),
 ) -> None:
     """Train a language model (the default: the `tiny` MoE on the Python stdlib source)."""
-    from moekit.training import train
+    from moekit.training import NonFiniteLossError, train
 
     try:
         cfg = build_config(preset, config, set_ or [], data, out, resume)
         train(cfg, resume=resume, ep=ep)
     except ValueError as e:
         fail(str(e))
+    except NonFiniteLossError as e:
+        typer.secho(f"training stopped: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None

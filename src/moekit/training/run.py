@@ -146,14 +146,16 @@ def run_metadata(cfg: TrainConfig, model: MoELM, data: TokenData) -> dict:
 
 def restore_latest(trainer: Trainer, run_dir: Path, console: Console, write: bool = True) -> None:
     root = run_dir / CHECKPOINTS
-    remove_temp_dirs(root) if root.exists() and write else None
+    if root.exists() and write:
+        remove_temp_dirs(root)
     path = latest_checkpoint(root)
+    if path is not None:
+        trainer.restore(path)
+    if write:  # drop what the interrupted run logged after its last checkpoint
+        truncate_metrics(run_dir, trainer.step)
     if path is None:
         console.print("[yellow]no complete checkpoint yet: starting this run from step 0")
-        truncate_metrics(run_dir, 0) if write else None
         return
-    trainer.restore(path)
-    truncate_metrics(run_dir, trainer.step) if write else None
     console.print(f"resumed from {path} (step {trainer.step})")
 
 

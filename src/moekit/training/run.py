@@ -116,6 +116,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir, saved)
     lm_cfg = model_config(cfg, data.tokenizer.vocab_size)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device) if ctx is None else ctx.device
     model = MoELM(lm_cfg).to(device)

@@ -5,13 +5,20 @@ Why chunks: every temporary of the obvious version (x_RD, h_RN, out_RD) is R row
 long; on CPU each one past glibc's 32 MiB mmap threshold is a fresh mapping whose
 pages fault in on first touch, which cost 15-19% of the fine config (BENCHMARKS.md).
 Walking the expert-sorted rows in chunks of about CHUNK_BYTES keeps every temporary
-small and reused, and the gather/scatter of a chunk stays in cache. One chunk covers
-whole experts where it can; a big expert is split over several chunks.
+small, and the gather/scatter of a chunk stays in cache. One chunk covers whole
+experts where it can; a big expert is split over several chunks. The chunk buffers
+are allocated once per call and reused by every chunk (a `_Scratch`).
 
 Why a hand-written backward: autograd on the obvious graph keeps x_RD, h_RN, a_RF and
-out_RD alive. Here only h_RN (the pre-activation) is saved. The gradient of the routing
-weights needs <dy_t, out_r>; since out_r = a_r W_outᵀ, it equals <dy_t W_out, a_r>, and
-dy_t W_out is the product backward computes anyway, so out_RD is never stored.
+out_RD alive. Here only h_RN (the pre-activation) is saved, and only when a gradient is
+needed (an inference forward keeps nothing). The gradient of the routing weights needs
+<dy_t, out_r>; since out_r = a_r W_outᵀ, it equals <dy_t W_out, a_r>, and dy_t W_out is
+the product backward computes anyway, so out_RD is never stored.
+
+Fewer passes over the routed rows: the routing weight scales a_RF (or out_RD, whichever
+is narrower) once, since out = (w·a) W_outᵀ; SwiGLU runs as silu + mul in the forward
+and, in the backward, writes both halves of dh straight into one buffer (no torch.cat),
+with aten's fused silu_backward for the gate half.
 
 Per-expert GEMMs run as torch.mm with out= slices of the chunk buffers: on CPU torch's
 grouped_mm is itself a loop of mm and measured slower at these sizes (it allocates
@@ -25,7 +32,9 @@ import torch
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
 from moekit.moe.types import DispatchPlan
 
-CHUNK_BYTES = 8 * 2**20
+# bytes of the widest chunk buffer; below glibc's 32 MiB mmap threshold so the buffers
+# come from the heap (no page faults), small enough to keep a chunk's rows in L3
+CHUNK_BYTES = 4 * 2**20
 
 Segments = list[tuple[int, int, int]]  # (expert, row start, row end) inside a chunk
 
@@ -54,9 +63,42 @@ def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
     return max(64, CHUNK_BYTES // (x.element_size() * max(n_in, x.shape[-1])))
 
 
+class _Scratch:
+    """Chunk buffers allocated once per call, handed out as views of the first n rows."""
+
+    def __init__(self, like: torch.Tensor, rows: int) -> None:
+        self.like, self.rows, self.bufs = like, rows, {}
+
+    def get(self, name: str, n: int, width: int) -> torch.Tensor:
+        buf = self.bufs.get(name)
+        if buf is None or buf.shape[1] != width:
+            buf = self.bufs[name] = self.like.new_empty(self.rows, width)
+        return buf[:n]
+
+
 def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tensor, transpose: bool):
     for e, s, t in segs:
         torch.mm(a[s:t], w_E[e].t() if transpose else w_E[e], out=out[s:t])
+
+
+def _act_fwd(act: Activation, h_nN: torch.Tensor, a_nF: torch.Tensor, s_nF: torch.Tensor | None = None):
+    """a = act(h) written into a_nF; for SwiGLU also silu(gate) into s_nF when given."""
+    if act.name != "swiglu":
+        return a_nF.copy_(act.fwd(h_nN))
+    F = a_nF.shape[1]
+    s = torch.ops.aten.silu.out(h_nN[:, :F], out=a_nF if s_nF is None else s_nF)
+    return torch.mul(s, h_nN[:, F:], out=a_nF)
+
+
+def _act_bwd(act: Activation, h_nN, da_nF, s_nF, dh_nN, tmp_nF):
+    """dh = d act(h) / dh · da written into dh_nN (s_nF = silu(gate) from _act_fwd)."""
+    if act.name != "swiglu":
+        return dh_nN.copy_(act.bwd(h_nN, da_nF))
+    F = da_nF.shape[1]
+    torch.mul(da_nF, s_nF, out=dh_nN[:, F:])  # d up = da · silu(g)
+    torch.mul(da_nF, h_nN[:, F:], out=tmp_nF)  # d silu(g) = da · up
+    torch.ops.aten.silu_backward.grad_input(tmp_nF, h_nN[:, :F], grad_input=dh_nN[:, :F])
+    return dh_nN
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -65,22 +107,32 @@ class _GroupedFFN(torch.autograd.Function):
         act: Activation = ACTIVATIONS.get(act_name)
         T, D = x_TD.shape
         N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
-        chunks = plan_chunks(counts, _rows_per_chunk(x_TD, N))
+        rows = _rows_per_chunk(x_TD, N)
+        chunks = plan_chunks(counts, rows)
+        keep_h = any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
+        scratch = _Scratch(x_TD, min(rows, max(1, token_idx_R.shape[0])))
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
         y_TD = x_TD.new_zeros(T, D)
         hs = []
         for r0, r1, segs in chunks:
-            tok = token_idx_R[r0:r1]
-            h_nN = x_TD.new_empty(r1 - r0, N)
-            _seg_mm(x_TD.index_select(0, tok), w_in_END, segs, h_nN, transpose=True)
-            o_nD = x_TD.new_empty(r1 - r0, D)
-            _seg_mm(act.fwd(h_nN), w_out_EDF, segs, o_nD, transpose=True)
-            y_TD.index_add_(0, tok, o_nD.mul_(w_R1[r0:r1]))
-            hs.append(h_nN)
+            n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
+            x_nD = torch.index_select(x_TD, 0, tok, out=scratch.get("xo", n, D))
+            h_nN = x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
+            _seg_mm(x_nD, w_in_END, segs, h_nN, transpose=True)
+            a_nF = _act_fwd(act, h_nN, scratch.get("a", n, Fh))
+            if Fh <= D:  # out = (w·a) W_outᵀ: scale the narrower of a and out
+                a_nF.mul_(w_n1)
+            o_nD = scratch.get("xo", n, D)  # x_nD is spent: its buffer takes the output
+            _seg_mm(a_nF, w_out_EDF, segs, o_nD, transpose=True)
+            if Fh > D:
+                o_nD.mul_(w_n1)
+            y_TD.index_add_(0, tok, o_nD)
+            if keep_h:
+                hs.append(h_nN)
         # hs go through save_for_backward (not a ctx attribute) so autograd frees them
         # with the graph and a retain_graph=True backward can run twice (gradcheck does)
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs)
-        ctx.chunks, ctx.act, ctx.num_experts = chunks, act, len(counts)
+        ctx.chunks, ctx.act, ctx.num_experts, ctx.rows = chunks, act, len(counts), rows
         return y_TD
 
     @staticmethod
@@ -89,29 +141,32 @@ class _GroupedFFN(torch.autograd.Function):
         act: Activation = ctx.act
         need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
-        Fh = w_out_EDF.shape[2]
+        D, N, Fh = x_TD.shape[1], w_in_END.shape[1], w_out_EDF.shape[2]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
         dw_in = torch.empty_like(w_in_END) if need_win else None
         dw_out = torch.empty_like(w_out_EDF) if need_wout else None
-        dweights_R = torch.empty(weights_R.shape, dtype=x_TD.dtype, device=x_TD.device)
+        dweights_R = x_TD.new_empty(weights_R.shape) if need_w else None
         # first write per expert is mm(out=), later ones addmm_: no zero-filled weight grads
         touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
+        scratch = _Scratch(x_TD, min(ctx.rows, max(1, token_idx_R.shape[0])))
         for (r0, r1, segs), h_nN in zip(ctx.chunks, hs):
-            tok = token_idx_R[r0:r1]
-            dy_nD = dy_TD.index_select(0, tok)
-            u_nF = x_TD.new_empty(r1 - r0, Fh)  # dy · W_out: d(out)/d(a) before the weight
+            n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
+            dy_nD = torch.index_select(dy_TD, 0, tok, out=scratch.get("dy", n, D))
+            u_nF = scratch.get("u", n, Fh)  # dy · W_out: d(out)/d(a) before the weight
             _seg_mm(dy_nD, w_out_EDF, segs, u_nF, transpose=False)
-            a_nF = act.fwd(h_nN)
-            dweights_R[r0:r1] = (u_nF * a_nF).sum(-1)
-            wr = w_R1[r0:r1]
+            s_nF = scratch.get("s", n, Fh) if act.name == "swiglu" else None
+            a_nF = _act_fwd(act, h_nN, scratch.get("a", n, Fh), s_nF)  # recomputed, not saved
+            if need_w:
+                dweights_R[r0:r1] = torch.linalg.vecdot(u_nF, a_nF)
             if need_wout:
-                _accumulate_wgrad(dw_out, dy_nD, a_nF.mul_(wr), segs, touched_out)
-            dh_nN = act.bwd(h_nN, u_nF.mul_(wr))
+                _accumulate_wgrad(dw_out, dy_nD, a_nF.mul_(w_n1), segs, touched_out)
+            dh_nN = _act_bwd(act, h_nN, u_nF.mul_(w_n1), s_nF, scratch.get("dh", n, N), a_nF)
             if need_win:
-                _accumulate_wgrad(dw_in, dh_nN, x_TD.index_select(0, tok), segs, touched_in)
+                x_nD = torch.index_select(x_TD, 0, tok, out=scratch.get("x", n, D))
+                _accumulate_wgrad(dw_in, dh_nN, x_nD, segs, touched_in)
             if need_x:
-                dx_nD = x_TD.new_empty(r1 - r0, x_TD.shape[1])
+                dx_nD = scratch.get("dy", n, D)  # dy_nD is spent: its buffer takes dx
                 _seg_mm(dh_nN, w_in_END, segs, dx_nD, transpose=False)
                 dx_TD.index_add_(0, tok, dx_nD)
         for g, touched in ((dw_in, touched_in), (dw_out, touched_out)):

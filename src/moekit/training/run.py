@@ -185,7 +185,9 @@ def finish(trainer: Trainer, run_dir: Path, last_eval: dict | None, meta: dict, 
     console.print(f"[bold]validation loss {last_eval['val_loss']:.4f} nats/token = "
                   f"{last_eval['val_bpb']:.3f} bits/byte[/bold] vs unigram baseline "
                   f"{uni:.3f} bits/byte ({uni * math.log(2):.4f} nats/byte) of the validation bytes")
-    console.print(f"run folder: {run_dir} (checkpoints/, metrics.jsonl, run.json, plots, sample.txt)")
+    files = [n for n in ("checkpoints", "metrics.jsonl", "run.json", "loss.png", "expert_load.png",
+                         "sample.txt", "tokenizer.json") if (run_dir / n).exists()]
+    console.print(f"run folder: {run_dir} ({', '.join(files)})")
     if sample is not None:
         console.print(f"sample (prompt {SAMPLE_PROMPT!r}):", highlight=False)
         console.print(SAMPLE_PROMPT + sample, markup=False, highlight=False)

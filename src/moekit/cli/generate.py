@@ -16,6 +16,7 @@ def generate_command(
     top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
     seed: int = typer.Option(0, help="sampling seed"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    threads: int = typer.Option(1, help="CPU threads (0: one per core)"),
 ) -> None:
     """Continue --prompt with the latest complete checkpoint of --run (or an HF checkpoint
     folder: config.json + safetensors)."""
@@ -29,7 +30,7 @@ def generate_command(
         else:
             text = generate_text(run, prompt, max_new_tokens, temperature=temperature,
                                  top_k=top_k or None, top_p=None if top_p >= 1 else top_p,
-                                 seed=seed, device=device)
+                                 seed=seed, device=device, threads=threads)
     except ValueError as e:
         fail(str(e))
     typer.echo(prompt + text)

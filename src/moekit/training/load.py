@@ -31,9 +31,13 @@ def load_run(run_dir: str | Path, device: str = "auto"):
 
 def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, *,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-                  seed: int = 0, device: str = "auto") -> str:
-    """The continuation of prompt (not including it), decoded; stops at EOS."""
+                  seed: int = 0, device: str = "auto", threads: int = 1) -> str:
+    """The continuation of prompt (not including it), decoded; stops at EOS. threads: CPU
+    intra-op threads (0: torch's default), 1 for the same reason as TrainConfig.threads."""
     from moekit.inference import generate
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model, tok, _, _ = load_run(run_dir, device)
     prompt_S = tok.encode(prompt.encode()).long()

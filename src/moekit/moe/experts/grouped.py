@@ -67,7 +67,7 @@ def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
         return 1 << 30
     row_bytes = x.element_size() * max(n_in, x.shape[-1])
     rows = max(MIN_ROWS, CHUNK_BYTES // row_bytes)
-    return max(64, min(rows, MAX_BUFFER_BYTES // row_bytes))
+    return max(1, min(rows, MAX_BUFFER_BYTES // row_bytes))
 
 
 class _Scratch:

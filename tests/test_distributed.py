@@ -86,6 +86,8 @@ def test_lm_training_ep2_matches_ep1_and_resumes_at_ep1_and_ep4(tmp_path):
     assert max(diffs) <= 1e-4, diffs
     assert r0["losses"][-1] < 0.5 * r0["losses"][0]  # it trains
     assert r0["clipped_steps"] > 0  # the global grad norm was exercised
+    wrapped, plain = r0["counts"]
+    assert wrapped == plain  # parameter counts under EP see all experts
     # the aux-loss-free bias moved, identically on every rank and as at EP=1
     assert any(abs(b) > 0 for b in r0["bias"])
     assert all(r["bias"] == r0["bias"] for r in out)
@@ -365,6 +367,9 @@ def scenario_lm(rank: int, world: int, tmp: Path) -> dict:
         out["ref_losses"], _ = _train(ref, _opt(ref), 0, 1, False, range(STEPS))
         out["ref_bias"] = _bias(ref)
     model = expert_parallel(_lm(), ep_size=2)
+    # counts see every expert, not only this rank's slice (logged FLOPs depend on them)
+    out["counts"] = [(model.num_parameters(), model.num_active_parameters()),
+                     (_lm().num_parameters(), _lm().num_active_parameters())]
     opt = _opt(model)
     out["losses"], out["clipped_steps"] = _train(model, opt, rank, world, True, range(STEPS))
     out["bias"] = _bias(model)

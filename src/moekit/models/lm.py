@@ -144,8 +144,11 @@ class MoELM(nn.Module):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied head counts once)."""
+        """Unique parameters (a tied head counts once). Routed experts count at their
+        global number, also when an expert-parallel wrapper holds only a slice here."""
         n = sum(p.numel() for p in self.parameters())
+        for m in self.moe_layers():
+            n += (m.cfg.num_experts - m.experts.w_in.shape[0]) * _per_expert(m)
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -153,9 +156,13 @@ class MoELM(nn.Module):
         ((E - K) of the E experts per MoE layer). Routers and shared experts count fully."""
         n = self.num_parameters(exclude_embeddings)
         for m in self.moe_layers():
-            per_expert = (m.experts.w_in.numel() + m.experts.w_out.numel()) // m.cfg.num_experts
-            n -= (m.cfg.num_experts - m.cfg.top_k) * per_expert
+            n -= (m.cfg.num_experts - m.cfg.top_k) * _per_expert(m)
         return n
+
+
+def _per_expert(m: MoELayer) -> int:
+    """Parameters of one routed expert (from the local slice's shapes)."""
+    return m.experts.w_in[0].numel() + m.experts.w_out[0].numel()
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

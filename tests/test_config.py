@@ -118,3 +118,20 @@ def test_every_router_builds_from_defaults_with_its_name(router):
 
 def test_defaults_are_valid():
     MoEConfig()
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(router="topk_softmax", num_experts=8, n_group=2, topk_group=1), "n_group"),
+    (dict(router="noisy_topk", jitter_eps=0.1), "jitter_eps"),
+    (dict(router="topk_sigmoid", jitter_eps=0.1), "jitter_eps"),
+    (dict(shared_d_ff=64), "shared_d_ff"),
+])
+def test_options_a_variant_would_ignore_are_rejected(kw, field):
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{field}=.*(does not use it|needs num_shared_experts)"):
+        MoEConfig(**kw)
+
+
+def test_options_are_accepted_by_the_routers_that_use_them():
+    MoEConfig(router="topk_sigmoid", num_experts=8, n_group=4, topk_group=2, top_k=2)
+    MoEConfig(router="topk_softmax", jitter_eps=0.1)
+    MoEConfig(num_shared_experts=1, shared_d_ff=64)

@@ -141,7 +141,14 @@ def _check_router(cfg: MoEConfig) -> None:
         raise _bad("noise_eps", cfg.noise_eps, "must be a finite number >= 0")
     if not isinstance(cfg.router_options, dict):
         raise _bad("router_options", cfg.router_options, "must be a dict")
-    ROUTERS.get(cfg.router).check_config(cfg)
+    router_cls = ROUTERS.get(cfg.router)
+    router_cls.check_config(cfg)
+    # options a router would silently ignore are errors: a typo must not train another model
+    for name, attr, default in (("n_group", "uses_groups", 1), ("jitter_eps", "uses_jitter", 0.0)):
+        if getattr(cfg, name) != default and not getattr(router_cls, attr, False):
+            users = [n for n in ROUTERS.names() if getattr(ROUTERS.get(n), attr, False)]
+            raise _bad(name, getattr(cfg, name),
+                       f"router {cfg.router!r} does not use it (leave it at {default}); routers that do: {', '.join(users)}")
 
 
 def _check_dispatch(cfg: MoEConfig) -> None:
@@ -168,6 +175,8 @@ def _check_experts(cfg: MoEConfig) -> None:
         raise _bad("num_shared_experts", cfg.num_shared_experts, "must be an integer >= 0")
     if cfg.shared_d_ff is not None and (not _is_int(cfg.shared_d_ff) or cfg.shared_d_ff <= 0):
         raise _bad("shared_d_ff", cfg.shared_d_ff, "must be a positive integer or None (= d_ff)")
+    if cfg.shared_d_ff is not None and cfg.num_shared_experts == 0:
+        raise _bad("shared_d_ff", cfg.shared_d_ff, "needs num_shared_experts >= 1 (or leave it None)")
     if cfg.shared_gate and cfg.num_shared_experts == 0:
         raise _bad("shared_gate", cfg.shared_gate, "needs num_shared_experts >= 1")
     if cfg.residual_d_ff is not None and (not _is_int(cfg.residual_d_ff) or cfg.residual_d_ff <= 0):

@@ -25,6 +25,8 @@ def best_groups_mask(probs_TE: torch.Tensor, n_group: int, topk_group: int) -> t
 
 @ROUTERS.register("softmax_group_limited")
 class SoftmaxGroupLimitedRouter(Router):
+    uses_groups = True
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)

@@ -28,6 +28,8 @@ def group_limited_mask(select_TE: torch.Tensor, n_group: int, topk_group: int) -
 
 @ROUTERS.register("topk_sigmoid")
 class TopKSigmoidRouter(Router):
+    uses_groups = True
+
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         # The balancing bias b of eq. 16; a buffer, not a parameter: it is moved by the

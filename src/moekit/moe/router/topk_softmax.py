@@ -15,6 +15,8 @@ from moekit.moe.types import Routing
 
 @ROUTERS.register("topk_softmax")
 class TopKSoftmaxRouter(Router):
+    uses_jitter = True
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         if self.training and self.cfg.jitter_eps > 0:
             # Switch §2.4: multiplicative jitter on the router input, for exploration.

@@ -13,23 +13,15 @@ kind is a file plus a line in a table; an unknown name is rejected here.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from moekit.moe.config import MoEConfig
+from moekit.validation import invalid, is_int, is_num
 
-
-def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"LMConfig.{field_name}={value!r} is invalid: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_bad = partial(invalid, "LMConfig")
+_is_int, _is_num = is_int, is_num
 
 
 @dataclass(frozen=True)

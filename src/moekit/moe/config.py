@@ -8,21 +8,14 @@ rejected here with the list of valid ones, never deep inside forward.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from moekit.validation import invalid, is_int, is_num
 
-def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"MoEConfig.{field_name}={value!r} is invalid: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_bad = partial(invalid, "MoEConfig")
+_is_int, _is_num = is_int, is_num
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ overrides merged into the preset's LMConfig (e.g. `model.n_layers=2`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,20 +18,13 @@ except ImportError:  # Python 3.10
 from typing import Any
 
 from moekit.data.corpus import DEFAULT_MAX_BYTES
+from moekit.validation import invalid, is_int, is_num
 
 DTYPES = ("float32", "bfloat16")
 
 
-def _bad(where: str, name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{where}.{name}={value!r} is invalid: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_bad = invalid
+_is_int, _is_num = is_int, is_num
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,20 @@
+"""Checks shared by the config dataclasses: errors name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def invalid(owner: str, field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{owner}.{field_name}={value!r} is invalid: {allowed}")
+
+
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

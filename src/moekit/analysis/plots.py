@@ -16,6 +16,16 @@ def _pyplot():
     return plt
 
 
+def save_line_figure(plt, fig, ax, path: Path) -> Path:
+    """The common finish of a line plot: grid, legend, tight layout, PNG, close."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing mean over `window` points (a readable train curve; val is plotted raw)."""
     out, acc = [], 0.0
@@ -38,12 +48,7 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> Path:
     if evals:
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=title or "loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_line_figure(plt, fig, ax, path)
 
 
 def plot_load_heatmap(load_LE: list[list[float]], path: Path, title: str = "") -> Path:

@@ -96,7 +96,7 @@ def _markdown(moe: dict, dense: dict, n: dict, png: Path | None) -> str:
 
 def _plot(path: Path, runs: list[dict], target: float) -> Path | None:
     try:
-        from moekit.analysis.plots import _pyplot
+        from moekit.analysis.plots import _pyplot, save_line_figure
 
         plt = _pyplot()
     except ImportError:
@@ -107,9 +107,4 @@ def _plot(path: Path, runs: list[dict], target: float) -> Path | None:
     ax.axhline(target, color="gray", ls="--", lw=0.8, label="dense final loss")
     ax.set(xlabel="training FLOPs", ylabel="validation loss (nats/token)",
            title="MoE vs dense at equal compute")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_line_figure(plt, fig, ax, path)

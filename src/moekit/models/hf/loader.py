@@ -16,21 +16,12 @@ from pathlib import Path
 
 import torch
 
+from moekit.models.accounting import load_config
 from moekit.models.hf.families import lm_config_from_hf
 from moekit.models.hf.model import HFMoELM
 from moekit.models.hf.weights import assemble, recipe
 
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
-
-
-def read_config(folder: Path) -> dict:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected an HF checkpoint folder)")
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -126,7 +117,7 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder (expected an HF checkpoint folder)")
-    cfg = lm_config_from_hf(read_config(folder), max_seq_len)
+    cfg = lm_config_from_hf(load_config(folder), max_seq_len)
     read = _Reader(weight_files(folder))
     model = HFMoELM(cfg)
     sd = _state_dict(model, read)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer
-from moekit.moe.experts import ACTIVATIONS
-from moekit.moe.experts import grouped
+from moekit.moe.experts import ACTIVATIONS, grouped
 from moekit.moe.experts.grouped import plan_chunks
 
 
@@ -21,7 +20,7 @@ def test_plan_chunks_covers_every_row_once(counts, max_rows):
     for r0, r1, segs in chunks:
         assert 0 < r1 - r0 <= max_rows
         assert segs[0][1] == 0 and segs[-1][2] == r1 - r0  # segments tile the chunk
-        for (e, s, t), nxt in zip(segs, segs[1:] + [None]):
+        for (e, s, t), nxt in zip(segs, segs[1:] + [None], strict=True):
             assert t > s and (nxt is None or nxt[1] == t)
             seen += [e] * (t - s)
     assert seen == [e for e, c in enumerate(counts) for _ in range(c)]

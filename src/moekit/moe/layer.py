@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.moe.balance import cv2_loss, routing_stats, router_z_loss, seq_aux_loss, switch_aux_loss
+from moekit.moe.balance import cv2_loss, router_z_loss, routing_stats, seq_aux_loss, switch_aux_loss
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import DISPATCHERS
 from moekit.moe.experts import ExpertBank, SharedExperts

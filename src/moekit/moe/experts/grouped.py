@@ -157,7 +157,7 @@ class _GroupedFFN(torch.autograd.Function):
         touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
         scratch = _Scratch(x_TD, min(ctx.rows, max(1, token_idx_R.shape[0])))
-        for (r0, r1, segs), h_nN in zip(ctx.chunks, hs):
+        for (r0, r1, segs), h_nN in zip(ctx.chunks, hs, strict=True):
             n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
             dy_nD = torch.index_select(dy_TD, 0, tok, out=scratch.get("dy", n, D))
             u_nF = scratch.get("u", n, Fh)  # dy · W_out: d(out)/d(a) before the weight

@@ -18,3 +18,13 @@ def is_int(v: Any) -> bool:
 def is_num(v: Any) -> bool:
     """A finite int or float that is not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def reject_unknown_fields(cls: type, d: dict[str, Any]) -> None:
+    """from_dict's guard: a misspelt key is an error listing the valid ones, not a default."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid: {sorted(names)}")

@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from moekit.moe.config import MoEConfig
-from moekit.validation import invalid, is_int, is_num
+from moekit.validation import invalid, is_int, is_num, reject_unknown_fields
 
 _bad = partial(invalid, "LMConfig")
 _is_int, _is_num = is_int, is_num
@@ -83,10 +83,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LMConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"LMConfig: unknown field(s) {unknown}; valid: {sorted(names)}")
+        reject_unknown_fields(cls, d)
         d = dict(d)
         if isinstance(d.get("moe"), dict):
             d["moe"] = MoEConfig.from_dict(d["moe"])

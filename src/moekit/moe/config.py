@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from moekit.validation import invalid, is_int, is_num
+from moekit.validation import invalid, is_int, is_num, reject_unknown_fields
 
 _bad = partial(invalid, "MoEConfig")
 _is_int, _is_num = is_int, is_num
@@ -83,10 +83,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MoEConfig: unknown field(s) {unknown}; valid: {sorted(names)}")
+        reject_unknown_fields(cls, d)
         return cls(**d)
 
 

@@ -53,6 +53,14 @@ def router_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def reject_unknown_options(cfg: MoEConfig, allowed: tuple[str, ...]) -> None:
+    """For routers that read router_options: a misspelt option is an error, not ignored."""
+    unknown = sorted(set(cfg.router_options) - set(allowed))
+    if unknown:
+        raise ValueError(f"MoEConfig.router_options={cfg.router_options!r} is invalid: router "
+                         f"{cfg.router!r} takes {', '.join(map(repr, allowed))}; unknown {unknown}")
+
+
 def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, sorted by score (ties broken by lower expert id)."""
     return torch.topk(scores_TE, k, dim=-1, sorted=True).indices

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.moe.router.base import ROUTERS, Router
+from moekit.moe.router.base import ROUTERS, Router, reject_unknown_options
 from moekit.moe.types import Routing
 
 
@@ -59,10 +59,7 @@ class DSelectKRouter(Router):
     @classmethod
     def check_config(cls, cfg) -> None:
         opts = cfg.router_options
-        unknown = sorted(set(opts) - {"gamma"})
-        if unknown:
-            raise ValueError(f"MoEConfig.router_options={opts!r} is invalid: router 'dselect_k' takes "
-                             f"'gamma'; unknown {unknown}")
+        reject_unknown_options(cfg, ("gamma",))
         g = opts.get("gamma", 1.0)
         if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or g <= 0:
             raise ValueError(f"MoEConfig.router_options['gamma']={g!r} is invalid: must be a finite number > 0")

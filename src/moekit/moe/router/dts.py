@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.moe.router.base import ROUTERS, Router, topk_ids
+from moekit.moe.router.base import ROUTERS, Router, reject_unknown_options, topk_ids
 from moekit.moe.types import Routing
 
 _OPTIONS = ("temp_start", "temp_end", "anneal_steps", "threshold_end")
@@ -43,10 +43,7 @@ class DTSRouter(Router):
     @classmethod
     def check_config(cls, cfg) -> None:
         opts = cfg.router_options
-        unknown = sorted(set(opts) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"MoEConfig.router_options={opts!r} is invalid: router 'dts' takes "
-                             f"{', '.join(_OPTIONS)}; unknown {unknown}")
+        reject_unknown_options(cfg, tuple(_OPTIONS))
         for name in ("temp_start", "temp_end"):
             v = opts.get(name, 1.0)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:

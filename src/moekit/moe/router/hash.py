@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.moe.router.base import ROUTERS, Router, router_dtype
+from moekit.moe.router.base import ROUTERS, Router, reject_unknown_options, router_dtype
 from moekit.moe.types import Routing
 
 _PRIME = 2_147_483_647  # 2^31 - 1: (id mod p) · a stays below 2^62, no int64 overflow
@@ -41,10 +41,7 @@ class HashRouter(Router):
     @classmethod
     def check_config(cls, cfg) -> None:
         opts = cfg.router_options
-        unknown = sorted(set(opts) - {"vocab_size", "seed"})
-        if unknown:
-            raise ValueError(f"MoEConfig.router_options={opts!r} is invalid: router 'hash' takes "
-                             f"'vocab_size', 'seed'; unknown {unknown}")
+        reject_unknown_options(cfg, ("vocab_size", "seed"))
         V = opts.get("vocab_size")
         if V is not None and (not isinstance(V, int) or isinstance(V, bool) or V <= 0):
             raise ValueError(f"MoEConfig.router_options['vocab_size']={V!r} is invalid: must be a positive integer")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.moe.router.base import ROUTERS, Router, router_dtype
+from moekit.moe.router.base import ROUTERS, Router, reject_unknown_options, router_dtype
 from moekit.moe.types import Routing
 
 
@@ -57,10 +57,7 @@ class SoftMoERouter(Router):
     @classmethod
     def check_config(cls, cfg) -> None:
         opts = cfg.router_options
-        unknown = sorted(set(opts) - {"slots_per_expert", "normalize"})
-        if unknown:
-            raise ValueError(f"MoEConfig.router_options={opts!r} is invalid: router 'soft_moe' takes "
-                             f"'slots_per_expert', 'normalize'; unknown {unknown}")
+        reject_unknown_options(cfg, ("slots_per_expert", "normalize"))
         P = opts.get("slots_per_expert", 1)
         if not isinstance(P, int) or isinstance(P, bool) or P <= 0:
             raise ValueError(f"MoEConfig.router_options['slots_per_expert']={P!r} is invalid: "

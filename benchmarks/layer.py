@@ -5,8 +5,12 @@
 
 What it times (torch.set_num_threads(2) unless --threads, fp32, CPU):
   moekit        MoELayer: dropless, topk_softmax, swiglu, grouped backend (+ shared for fine)
-  dense         the limit: a plain SwiGLU FFN (gate/up/down nn.Linear) of hidden K·F + shared
-                width, plus the router matmul (D -> E) whose logits also get a gradient
+  dense         a plain SwiGLU FFN (gate/up/down nn.Linear, torch's CPU kernel: MKL) of hidden
+                K·F + shared width, plus the router matmul (D -> E) whose logits also get a gradient
+  dense-gemm    the same FFN on moekit.layers.Linear, i.e. on the GEMM kernel moekit's experts
+                use (ops/gemm.py: oneDNN on CPU). The limit is the faster of the two dense rows.
+  moekit-torchgemm  moekit with ops.gemm forced to torch's kernel (what the layer gains
+                without the kernel choice)
   mixtral-*     transformers MixtralSparseMoeBlock, config._experts_implementation "eager"
                 or "grouped_mm" (on fine, plus a transformers Qwen2MoeMLP shared expert)
   qwen3-*       transformers Qwen3MoeSparseMoeBlock, same two implementations (same + shared)
@@ -26,7 +30,8 @@ Timing: one warm-up call of everything, then ROUNDS interleaved rounds (A B C A 
 each cell is the median over rounds. "fwd" is an inference forward under torch.no_grad();
 "fwd+bwd" is a training forward plus backward of a fixed random dy (parameter gradients
 are set to None before each call, so every call allocates them the same way).
-ratio = throughput / dense throughput in the same mode (1.0 is the limit for an MoE layer).
+ratio = throughput / the limit's throughput in the same mode (the limit = the faster of dense
+and dense-gemm; 1.0 is the limit for an MoE layer).
 The machine may be shared: absolute times drift, interleaved ratios much less.
 
 Peak memory (fine, fwd+bwd): each implementation runs in a fresh subprocess, which builds
@@ -59,6 +64,7 @@ import torch
 from torch import nn
 
 THREADS = 2
+ALWAYS = ("dense", "dense-gemm", "moekit")
 SEQ = 1024
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (with --threads 1 on a busy machine)
 
@@ -88,13 +94,13 @@ CONFIGS = {
 class Dense(nn.Module):
     """SwiGLU FFN of hidden K·F + shared width, plus the router matmul (the MoE limit)."""
 
-    def __init__(self, s: Shape) -> None:
+    def __init__(self, s: Shape, lin=nn.Linear) -> None:
         super().__init__()
         H = s.k * s.F + s.shared_F
-        self.gate = nn.Linear(s.d, H, bias=False)
-        self.up = nn.Linear(s.d, H, bias=False)
-        self.down = nn.Linear(H, s.d, bias=False)
-        self.router = nn.Linear(s.d, s.E, bias=False)
+        self.gate = lin(s.d, H, bias=False)
+        self.up = lin(s.d, H, bias=False)
+        self.down = lin(H, s.d, bias=False)
+        self.router = lin(s.d, s.E, bias=False)
         for m in (self.gate, self.up, self.down):
             nn.init.normal_(m.weight, std=0.02)
 
@@ -107,8 +113,9 @@ class Dense(nn.Module):
 
 
 class MoekitLayer(nn.Module):
-    def __init__(self, s: Shape) -> None:
+    def __init__(self, s: Shape, gemm_backend: str | None = None) -> None:
         super().__init__()
+        self.gemm_backend = gemm_backend
         from moekit import MoEConfig, MoELayer
 
         cfg = MoEConfig(d_model=s.d, num_experts=s.E, top_k=s.k, d_ff=s.F, router="topk_softmax",
@@ -118,7 +125,12 @@ class MoekitLayer(nn.Module):
         nn.init.normal_(self.layer.router.weight, std=s.d ** -0.5)
 
     def forward(self, x):
-        return self.layer(x).y
+        from moekit.ops import gemm
+
+        if self.gemm_backend is None:
+            return self.layer(x).y
+        with gemm.backend(self.gemm_backend):
+            return self.layer(x).y
 
 
 class WithShared(nn.Module):
@@ -222,7 +234,12 @@ def build_all(s: Shape, names: list[str] | None = None) -> dict[str, nn.Module]:
     """dense and moekit always; the peers whose shapes fit; `names` keeps only those."""
     torch.manual_seed(0)
     ref = MoekitLayer(s)
-    mods: dict[str, nn.Module] = {"dense": Dense(s), "moekit": ref}
+    from moekit.layers import Linear
+
+    mods: dict[str, nn.Module] = {"dense": Dense(s), "dense-gemm": Dense(s, Linear), "moekit": ref}
+    twin = MoekitLayer(s, gemm_backend="torch")
+    twin.load_state_dict(ref.state_dict())
+    mods["moekit-torchgemm"] = twin
     for kind in ("mixtral", "qwen3") + (("qwen2",) if s.shared_F else ()):
         for impl in ("eager", "grouped_mm"):
             mods[f"{kind}-{impl}"] = build_transformers(kind, impl, s, ref)
@@ -231,7 +248,7 @@ def build_all(s: Shape, names: list[str] | None = None) -> dict[str, nn.Module]:
     if s.k >= 2 and not s.shared_F:  # st-moe has no shared expert
         mods["st-moe"] = STMoE(s)
     if names is not None:
-        mods = {n: m for n, m in mods.items() if n in names or n in ("dense", "moekit")}
+        mods = {n: m for n, m in mods.items() if n in names or n in ALWAYS}
     return mods
 
 
@@ -270,6 +287,11 @@ def interleaved(steps: dict[str, callable], rounds: int) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def limit(times: dict[str, float]) -> float:
+    """Seconds per step of the faster dense FFN (torch's kernel or moekit's gemm)."""
+    return min(times["dense"], times.get("dense-gemm", times["dense"]))
+
+
 def check_outputs(mods: dict[str, nn.Module], x: torch.Tensor) -> str:
     """transformers blocks carry moekit's weights: their outputs must match moekit's."""
     with torch.no_grad():
@@ -302,7 +324,7 @@ def bench_config(name: str, rounds: int, mem: bool, only: list[str] | None) -> N
         cells = []
         for mode, w in (("fwd", 9), ("fwd+bwd", 10)):
             t = res[mode][n]
-            cells.append(f"{t * 1e3:{w}.1f} {s.T / t:9.0f} {res[mode]['dense'] / t:6.3f}")
+            cells.append(f"{t * 1e3:{w}.1f} {s.T / t:9.0f} {limit(res[mode]) / t:6.3f}")
         memcell = f"  {peak[n]:9.0f}" if n in peak else ""
         print(f"{n:22s} {cells[0]}   {cells[1]}{memcell}")
     peers = [n for n in mods if n.startswith(("mixtral", "qwen"))]
@@ -387,7 +409,7 @@ def bench_decode(rounds: int, only: list[str] | None) -> None:
             steps["weight-read"] = read
             res = interleaved(steps, max(rounds, 5) * 4)
             for n in mods:
-                print(f"{name:7s} {T:2d} {n:22s} {res[n] * 1e3:8.3f} {res['dense'] / res[n]:6.3f}")
+                print(f"{name:7s} {T:2d} {n:22s} {res[n] * 1e3:8.3f} {limit(res) / res[n]:6.3f}")
             print(f"{name:7s} {T:2d} {'weight-read':22s} {res['weight-read'] * 1e3:8.3f}   "
                   f"({n_used} experts, {nbytes / 2**20:.1f} MiB, "
                   f"{nbytes / res['weight-read'] / 1e9:.1f} GB/s)")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers import Linear
 from moekit.models.kv_cache import KVCache
 from moekit.models.rope import RopeTables, apply_rope
 from moekit.registry import Registry
@@ -47,10 +48,10 @@ class GroupedQueryAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
         self.dropout = cfg.dropout
         D, H, G, d = cfg.d_model, self.n_heads, self.n_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(D, H * d, bias=False)
-        self.k_proj = nn.Linear(D, G * d, bias=False)
-        self.v_proj = nn.Linear(D, G * d, bias=False)
-        self.o_proj = nn.Linear(H * d, D, bias=False)
+        self.q_proj = Linear(D, H * d, bias=False)
+        self.k_proj = Linear(D, G * d, bias=False)
+        self.v_proj = Linear(D, G * d, bias=False)
+        self.o_proj = Linear(H * d, D, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: RopeTables, kv_cache: KVCache | None = None
                 ) -> torch.Tensor:

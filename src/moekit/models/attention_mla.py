@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers import Linear
 from moekit.models.attention import ATTENTIONS, causal_mask
 from moekit.models.kv_cache import KVCache
 from moekit.models.norm import RMSNorm
@@ -55,15 +56,15 @@ class MultiHeadLatentAttention(nn.Module):
         bias = cfg.o_bias  # DeepSeek's attention_bias: q_a, kv_a and o projections
         qk = self.nope + self.rope_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * qk, bias=False)
+            self.q_proj = Linear(D, H * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.kv_lora + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora, 1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, D, bias=bias)
         self.scale = mla_softmax_scale(cfg)
 
     def _rope(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers import Linear
 from moekit.models.attention import build_attention
 from moekit.models.config import LMConfig
 from moekit.models.kv_cache import KVCache
@@ -84,7 +85,7 @@ class MoELM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

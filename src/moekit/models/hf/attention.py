@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers import Linear
 from moekit.models.attention import ATTENTIONS, GroupedQueryAttention
 from moekit.models.hf.rope import apply_rope_interleaved
 from moekit.models.norm import RMSNorm
@@ -31,10 +32,10 @@ class HFGroupedQueryAttention(GroupedQueryAttention):
     def __init__(self, cfg, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
         D, H, G, d = cfg.d_model, self.n_heads, self.n_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(D, H * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, G * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, G * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * d, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, H * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, G * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, G * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * d, D, bias=cfg.o_bias)
         self.use_rope = cfg.rope_layers is None or bool(cfg.rope_layers[layer_idx])
         self.interleave, self.clip, self.eps = cfg.rope_interleave, cfg.clip_qkv, cfg.norm_eps
         self.qk_norm = cfg.qk_norm if (cfg.qk_norm != "l2" or self.use_rope) else "none"

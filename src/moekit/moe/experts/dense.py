@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.layers import linear
 from moekit.moe.experts.activations import ACTIVATIONS
 
 
@@ -19,8 +20,8 @@ class DenseFFN(nn.Module):
         self.w_out = nn.Parameter(torch.randn(d_model, d_ff) * init_std)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.linear(x_TD, self.w_in)
-        return torch.nn.functional.linear(self.act.fwd(h), self.w_out)
+        h = linear(x_TD, self.w_in)
+        return linear(self.act.fwd(h), self.w_out)
 
 
 class SharedExperts(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.layers import linear
 from moekit.moe.config import MoEConfig
 from moekit.moe.types import Routing
 from moekit.registry import Registry
@@ -42,7 +43,7 @@ class Router(nn.Module):
         dt = router_dtype(x_TD)
         w = self.weight.to(dt)
         b = None if self.bias is None else self.bias.to(dt)
-        return torch.nn.functional.linear(x_TD.to(dt), w, b)
+        return linear(x_TD.to(dt), w, b)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         raise NotImplementedError

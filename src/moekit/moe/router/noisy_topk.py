@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.layers import linear
 from moekit.moe.router.base import ROUTERS, Router
 from moekit.moe.types import Routing
 
@@ -30,7 +31,7 @@ class NoisyTopKRouter(Router):
             vals_TK, ids_TK = clean_TE.topk(k, dim=-1)
             weights_TK = torch.softmax(vals_TK, dim=-1)
             return Routing(ids_TK, weights_TK, clean_TE, torch.softmax(clean_TE, -1))
-        raw_std_TE = torch.nn.functional.linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))
+        raw_std_TE = linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))
         std_TE = torch.nn.functional.softplus(raw_std_TE) + self.cfg.noise_eps
         noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         m = min(k + 1, self.num_experts)

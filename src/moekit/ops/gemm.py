@@ -1,0 +1,109 @@
+"""Matrix products on the fastest fp32 kernel torch ships for the CPU, with torch's own
+as the reference and the fallback.
+
+Why: torch's CPU mm/linear call MKL. On the project's reference machine (AMD EPYC with
+AVX-512, 2 threads, torch 2.13) MKL's sgemm runs at ~180-195 GFLOP/s and its sgemv
+(decode, one row) single-threaded at ~14 GB/s, while oneDNN, which torch also bundles
+and reaches through `torch.ops.mkldnn._linear_pointwise`, runs the same fp32 products
+at ~400-430 GFLOP/s and ~43 GB/s, with fp32 accumulation (no reduced-precision mode).
+`python benchmarks/gemm.py` measures both on the machine at hand. Below ~1M
+multiply-adds oneDNN's fixed cost per call (~14 µs vs MKL's ~5) loses, so small
+products stay on torch.
+
+Backend, chosen by name: "auto" (default: oneDNN where it applies and the product is
+big enough), "onednn" (wherever it applies, any size), "torch" (never). Set it with
+`set_backend`, the `backend` context manager, or the MOEKIT_GEMM environment variable.
+oneDNN applies to CPU float32/bfloat16 2-D operands of any strides; it has no autograd
+formula, so a call that autograd would need to differentiate stays on torch. moekit
+calls these functions from its hand-written backward passes (experts, Linear) and
+under no_grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "onednn", "torch")
+MIN_MACS = 1 << 20  # below this many multiply-adds torch's MKL call is the quicker one
+
+try:
+    _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
+except (AttributeError, RuntimeError):  # a build without oneDNN
+    _ONEDNN_LINEAR = None
+if not torch.backends.mkldnn.is_available():
+    _ONEDNN_LINEAR = None
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"gemm backend={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _check(os.environ.get("MOEKIT_GEMM", "auto"))
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def onednn_available() -> bool:
+    return _ONEDNN_LINEAR is not None
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """with gemm.backend("torch"): ... runs the block on the given backend."""
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def _onednn_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
+    if _backend == "torch" or _ONEDNN_LINEAR is None:
+        return False
+    if a_MK.device.type != "cpu" or a_MK.dtype not in _DTYPES or w_NK.dtype != a_MK.dtype:
+        return False
+    if a_MK.dim() != 2 or w_NK.dim() != 2 or a_MK.numel() == 0 or w_NK.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (a_MK.requires_grad or w_NK.requires_grad):
+        return False  # no autograd formula: leave it to torch
+    return _backend == "onednn" or a_MK.shape[0] * w_NK.shape[0] * w_NK.shape[1] >= MIN_MACS
+
+
+def linear(a_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """a · wᵀ (+ bias): (M, K) × (N, K) -> (M, N), written into out when given."""
+    if _onednn_applies(a_MK, w_NK) and (bias_N is None or bias_N.dtype == a_MK.dtype):
+        y_MN = _ONEDNN_LINEAR(a_MK, w_NK, bias_N, "none", [], "")
+        return y_MN if out is None else out.copy_(y_MN)
+    if bias_N is not None:
+        y_MN = torch.nn.functional.linear(a_MK, w_NK, bias_N)
+        return y_MN if out is None else out.copy_(y_MN)
+    if out is None:
+        return torch.mm(a_MK, w_NK.t())
+    return torch.mm(a_MK, w_NK.t(), out=out)
+
+
+def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a · b: (M, K) × (K, N) -> (M, N)."""
+    return linear(a_MK, b_KN.t(), out=out)
+
+
+def addmm_(c_MN: torch.Tensor, a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """c += a · b in place."""
+    if _onednn_applies(a_MK, b_KN.t()):
+        return c_MN.add_(_ONEDNN_LINEAR(a_MK, b_KN.t(), None, "none", [], ""))
+    return c_MN.addmm_(a_MK, b_KN)

@@ -66,16 +66,40 @@ class DispatchPlan:
         return self.token_idx_R.shape[0]
 
 
-@dataclass(frozen=True)
 class RoutingStats:
-    """Detached routing metrics of one forward (no host sync needed to build them)."""
+    """Detached routing metrics of one forward (no host sync needed to build them).
 
-    tokens_per_expert: torch.Tensor  # (E,) rows kept per expert
-    requested_per_expert: torch.Tensor  # (E,) slots assigned before capacity drops
-    drop_fraction: torch.Tensor  # () dropped slots / assigned slots
-    router_entropy: torch.Tensor  # () mean entropy (nats) of probs_TE
-    dead_experts: torch.Tensor  # () experts that received no token
-    unrouted_fraction: torch.Tensor  # () tokens with no expert at all (after drops)
+    Each is computed on first access from the forward's counts and probabilities and
+    then kept: a training step that logs them pays ~10 small ops per layer, a decode
+    step that never reads them pays nothing (moe/balance/stats.py has the formulas).
+    """
+
+    FIELDS = ("tokens_per_expert", "requested_per_expert", "drop_fraction", "router_entropy",
+              "dead_experts", "unrouted_fraction")
+
+    def __init__(self, compute: dict) -> None:
+        # name -> zero-argument function; each runs at most once
+        self._compute, self._values = compute, {}
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        compute = self.__dict__.get("_compute", {})
+        if name not in compute:
+            raise AttributeError(f"RoutingStats has no field {name!r}; fields: {', '.join(self.FIELDS)}")
+        values = self.__dict__["_values"]
+        if name not in values:
+            with torch.no_grad():
+                values[name] = compute[name]()
+        return values[name]
+
+    def __repr__(self) -> str:
+        return "RoutingStats(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.FIELDS) + ")"
+
+    # tokens_per_expert: (E,) rows kept per expert
+    # requested_per_expert: (E,) slots assigned before capacity drops
+    # drop_fraction: () dropped slots / assigned slots
+    # router_entropy: () mean entropy (nats) of probs_TE
+    # dead_experts: () experts that received no token
+    # unrouted_fraction: () tokens with no expert at all (after drops)
 
 
 @dataclass(frozen=True)

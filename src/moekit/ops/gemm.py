@@ -10,8 +10,9 @@ at ~400-430 GFLOP/s and ~43 GB/s, with fp32 accumulation (no reduced-precision m
 multiply-adds oneDNN's fixed cost per call (~14 µs vs MKL's ~5) loses, so small
 products stay on torch.
 
-Backend, chosen by name: "auto" (default: oneDNN where it applies and the product is
-big enough), "onednn" (wherever it applies, any size), "torch" (never). Set it with
+Backend, chosen by name: "auto" (default: for 1-4 rows, the decode mat-vec kernel of
+ops/rowmv.py; else oneDNN where it applies and the product is big enough), "onednn"
+(oneDNN wherever it applies, any size), "torch" (torch's call always). Set it with
 `set_backend`, the `backend` context manager, or the MOEKIT_GEMM environment variable.
 oneDNN applies to CPU float32/bfloat16 2-D operands of any strides; it has no autograd
 formula, so a call that autograd would need to differentiate stays on torch. moekit
@@ -26,8 +27,13 @@ import os
 
 import torch
 
+from moekit.ops import rowmv
+
 BACKENDS = ("auto", "onednn", "torch")
 MIN_MACS = 1 << 20  # below this many multiply-adds torch's MKL call is the quicker one
+# up to this many rows (decode) and from this weight size, ops/rowmv.py's mat-vec kernel
+ROWMV_MAX_ROWS = 4
+ROWMV_MIN_WEIGHT = 1 << 16
 
 try:
     _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
@@ -71,6 +77,17 @@ def backend(name: str):
         set_backend(old)
 
 
+def _rowmv_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
+    """auto, a few rows (decode) and a weight big enough that reading it is the cost."""
+    return (_backend == "auto" and a_MK.dim() == 2 and w_NK.dim() == 2
+            and 0 < a_MK.shape[0] <= ROWMV_MAX_ROWS and w_NK.numel() >= ROWMV_MIN_WEIGHT
+            and rowmv.applies(a_MK, w_NK))
+
+
+def _offsets(rows: int) -> torch.Tensor:
+    return torch.tensor([0, rows], dtype=torch.int64)
+
+
 def _onednn_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
     if _backend == "torch" or _ONEDNN_LINEAR is None:
         return False
@@ -86,6 +103,11 @@ def _onednn_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
 def linear(a_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """a · wᵀ (+ bias): (M, K) × (N, K) -> (M, N), written into out when given."""
+    if _rowmv_applies(a_MK, w_NK):
+        y_MN = rowmv.grouped_rows_linear(a_MK, w_NK[None], _offsets(a_MK.shape[0]))
+        if bias_N is not None:
+            y_MN.add_(bias_N)
+        return y_MN if out is None else out.copy_(y_MN)
     if _onednn_applies(a_MK, w_NK) and (bias_N is None or bias_N.dtype == a_MK.dtype):
         y_MN = _ONEDNN_LINEAR(a_MK, w_NK, bias_N, "none", [], "")
         return y_MN if out is None else out.copy_(y_MN)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit.moe.experts import decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
 from moekit.moe.types import DispatchPlan
 from moekit.ops import gemm
@@ -202,5 +203,7 @@ def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched):
 def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tensor,
                     w_out_EDF: torch.Tensor, act: Activation) -> torch.Tensor:
     counts = plan.counts_E.tolist()  # host copy: chunk boundaries are planned on the host
+    if decode.takes(x_TD, counts, w_in_END, w_out_EDF, plan.weights_R):
+        return decode.decode_experts(x_TD, plan, counts, w_in_END, w_out_EDF, act)
     return _GroupedFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R,
                              counts, act.name)

@@ -179,3 +179,39 @@ def test_lm_logits_and_grads_same_on_both_kernels():
     assert len(outs[0]) == len(outs[1]) > 5
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [0, 5, 64, 130, 200])
+def test_varying_shape_products_match_fp64(rows):
+    """An expert's rows cut into a multiple of SHAPE_STEP (oneDNN) and a remainder (torch)."""
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 48, generator=g)
+    w = torch.randn(40, 48, generator=g)
+    left = torch.randn(rows, 40, generator=g)
+    acc0 = torch.randn(40, 48, generator=g)
+    with gemm.backend("onednn"):
+        out = torch.full((rows, 40), float("nan"))
+        gemm.mm_varying_rows(a, w.t(), out)
+        if rows:
+            _close64(out, a.double() @ w.double().T)
+        dw = torch.full((40, 48), float("nan"))
+        gemm.mm_varying_inner(left.t(), a, dw, accumulate=False)
+        _close64(dw, left.double().T @ a.double())
+        acc = acc0.clone()
+        gemm.mm_varying_inner(left.t(), a, acc, accumulate=True)
+        _close64(acc, acc0.double() + left.double().T @ a.double())
+
+
+def test_varying_shapes_give_onednn_few_distinct_shapes(monkeypatch):
+    """oneDNN compiles a kernel per new shape: row counts from 1 to 300 must reach it
+    with at most 300 // SHAPE_STEP distinct row counts."""
+    seen = set()
+    monkeypatch.setattr(gemm, "_ONEDNN_LINEAR", lambda a, w, *r: seen.add(a.shape) or a @ w.t())
+    w = torch.randn(16, 8)
+    with gemm.backend("onednn"):
+        for rows in range(1, 301):
+            gemm.mm_varying_rows(torch.randn(rows, 8), w.t(), torch.empty(rows, 16))
+            gemm.mm_varying_inner(torch.randn(16, rows), torch.randn(rows, 8), torch.empty(16, 8), False)
+    assert {s[0] for s in seen if s[0] != 16} == {64, 128, 192, 256}
+    assert {s[1] for s in seen if s[0] == 16} == {64, 128, 192, 256}

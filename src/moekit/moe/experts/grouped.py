@@ -21,7 +21,8 @@ and, in the backward, writes both halves of dh straight into one buffer (no torc
 with aten's fused silu_backward for the gate half.
 
 Per-expert GEMMs run through ops/gemm.py (oneDNN on CPU where it is faster than torch's
-MKL call, ~2.2x on the reference machine) into slices of the chunk buffers: on CPU
+MKL call, ~2.2x on the reference machine; rows cut so that oneDNN sees few distinct
+shapes, see gemm.SHAPE_STEP) into slices of the chunk buffers: on CPU
 torch's grouped_mm is itself a loop of mm and measured slower at these sizes (it
 allocates the whole output at once).
 """
@@ -88,10 +89,7 @@ class _Scratch:
 
 def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tensor, transpose: bool):
     for e, s, t in segs:
-        if transpose:
-            gemm.linear(a[s:t], w_E[e], out=out[s:t])
-        else:
-            gemm.mm(a[s:t], w_E[e], out=out[s:t])
+        gemm.mm_varying_rows(a[s:t], w_E[e].t() if transpose else w_E[e], out[s:t])
 
 
 def _act_fwd(act: Activation, h_nN: torch.Tensor, a_nF: torch.Tensor, s_nF: torch.Tensor | None = None):
@@ -193,11 +191,8 @@ class _GroupedFFN(torch.autograd.Function):
 def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched):
     """dw_E[e] (A, B) += left[rows of e]ᵀ · right[rows of e]."""
     for e, s, t in segs:
-        if touched[e]:
-            gemm.addmm_(dw_E[e], left_nA[s:t].t(), right_nB[s:t])
-        else:
-            gemm.mm(left_nA[s:t].t(), right_nB[s:t], out=dw_E[e])
-            touched[e] = True
+        gemm.mm_varying_inner(left_nA[s:t].t(), right_nB[s:t], dw_E[e], accumulate=touched[e])
+        touched[e] = True
 
 
 def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tensor,

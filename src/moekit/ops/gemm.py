@@ -35,8 +35,8 @@ MIN_MACS = 1 << 20  # below this many multiply-adds torch's MKL call is the quic
 # 551x128 · 128x256 product takes 2.5 ms the first time and 0.2 ms after. An expert's
 # row count changes every training step, so its products would pay that at nearly
 # every call; the *_varying functions cut the changing dimension into a multiple of
-# SHAPE_STEP (few distinct shapes, each compiled once and then cached by oneDNN) and a
-# remainder of fewer rows on torch's kernel, which compiles nothing.
+# SHAPE_STEP and a remainder, so oneDNN sees at most max/SHAPE_STEP + SHAPE_STEP - 1
+# distinct sizes, each compiled once and then cached.
 SHAPE_STEP = 64
 # up to this many rows (decode) and from this weight size, ops/rowmv.py's mat-vec kernel
 ROWMV_MAX_ROWS = 4
@@ -131,38 +131,30 @@ def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) 
     return linear(a_MK, b_KN.t(), out=out)
 
 
+def _cuts(n: int) -> list[tuple[int, int]]:
+    """[0, n) as the largest multiple of SHAPE_STEP and the remainder."""
+    m = n - n % SHAPE_STEP
+    return [(a, b) for a, b in ((0, m), (m, n)) if b > a]
+
+
 def mm_varying_rows(a_MK: torch.Tensor, b_KN: torch.Tensor, out_MN: torch.Tensor) -> torch.Tensor:
-    """out = a · b for an M that changes from call to call (an expert's rows): the
-    largest multiple of SHAPE_STEP rows on oneDNN, the rest on torch's kernel."""
-    M = a_MK.shape[0]
-    m = M - M % SHAPE_STEP
-    if m and _onednn_applies(a_MK[:m], b_KN.t()):
-        out_MN[:m].copy_(_ONEDNN_LINEAR(a_MK[:m], b_KN.t(), None, "none", [], ""))
-    else:
-        m = 0
-    if m < M:
-        torch.mm(a_MK[m:], b_KN, out=out_MN[m:])
+    """out = a · b for an M that changes from call to call (an expert's rows)."""
+    for s, t in _cuts(a_MK.shape[0]):
+        mm(a_MK[s:t], b_KN, out=out_MN[s:t])
     return out_MN
 
 
 def mm_varying_inner(a_MK: torch.Tensor, b_KN: torch.Tensor, out_MN: torch.Tensor,
                      accumulate: bool) -> torch.Tensor:
     """out = a · b (or out += a · b) for a K that changes from call to call (a weight
-    gradient: a sum over an expert's rows), cut like mm_varying_rows."""
-    K = a_MK.shape[1]
-    k = K - K % SHAPE_STEP
-    if k and _onednn_applies(a_MK[:, :k], b_KN[:k].t()):
-        part_MN = _ONEDNN_LINEAR(a_MK[:, :k], b_KN[:k].t(), None, "none", [], "")
-        out_MN.add_(part_MN) if accumulate else out_MN.copy_(part_MN)
-        accumulate = True
-    else:
-        k = 0
-    if k < K:
+    gradient: a sum over an expert's rows)."""
+    for s, t in _cuts(a_MK.shape[1]):
         if accumulate:
-            out_MN.addmm_(a_MK[:, k:], b_KN[k:])
+            addmm_(out_MN, a_MK[:, s:t], b_KN[s:t])
         else:
-            torch.mm(a_MK[:, k:], b_KN[k:], out=out_MN)
-    elif not accumulate:
+            mm(a_MK[:, s:t], b_KN[s:t], out=out_MN)
+            accumulate = True
+    if not accumulate:  # K = 0
         out_MN.zero_()
     return out_MN
 

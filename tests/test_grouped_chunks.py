@@ -31,8 +31,8 @@ def _spy_chunks(monkeypatch):
     plans = []
     real = grouped.plan_chunks
 
-    def spy(counts, max_rows):
-        out = real(counts, max_rows)
+    def spy(counts, max_rows, **kw):
+        out = real(counts, max_rows, **kw)
         plans.append(out)
         return out
 
@@ -71,3 +71,49 @@ def test_many_small_chunks_match_the_loop_oracle(monkeypatch, expert, dispatch):
     torch.testing.assert_close(gx_a, gx_b, atol=1e-12, rtol=1e-12)
     for name in g_a:
         torch.testing.assert_close(g_a[name], g_b[name], atol=1e-12, rtol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("counts,max_rows", [([3, 0, 5, 1], 4), ([7], 3), ([2, 2], 8)])
+def test_one_expert_chunks_never_mix_experts(counts, max_rows):
+    chunks = plan_chunks(counts, max_rows, one_expert=True)
+    assert all(len(segs) == 1 for _, _, segs in chunks)
+    assert [e for _, _, segs in chunks for e, s, t in segs for _ in range(t - s)] == \
+        [e for e, c in enumerate(counts) for _ in range(c)]
+
+
+@pytest.mark.parametrize("expert", ACTIVATIONS.names())
+def test_padded_path_matches_the_loop_oracle(monkeypatch, expert):
+    """fp32 on oneDNN: one expert per chunk, rows padded with zeros to a multiple of
+    gemm.SHAPE_STEP (experts split across chunks too); every product oneDNN sees has a
+    row or inner size that is a multiple of SHAPE_STEP; results equal the oracle's."""
+    from moekit.ops import gemm
+
+    if not gemm.onednn_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(grouped, "MIN_ROWS", 1)
+    monkeypatch.setattr(grouped, "CHUNK_BYTES", 64 * 4 * 16)  # 64 rows of width 16 in fp32 (32 of 32)
+    plans = _spy_chunks(monkeypatch)
+    shapes = []
+    real = gemm._ONEDNN_LINEAR
+    monkeypatch.setattr(gemm, "_ONEDNN_LINEAR", lambda a, w, *r: shapes.append((a.shape, w.shape)) or real(a, w, *r))
+    cfg = MoEConfig(d_model=16, num_experts=4, top_k=2, d_ff=16, expert=expert, init_std=0.5)
+    torch.manual_seed(0)
+    fast = MoELayer(cfg)
+    ref = MoELayer(cfg.replace(expert_backend="loop"))
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 70, 16)
+    results = []
+    for layer, backend in ((fast, "onednn"), (ref, "torch")):
+        xi = x.clone().requires_grad_()
+        with gemm.backend(backend):
+            out = layer(xi)
+            (out.y * torch.linspace(-1, 1, out.y.numel()).view_as(out.y)).sum().backward()
+        results.append([out.y, xi.grad] + [p.grad for p in layer.parameters()])
+    chunks = plans[0]
+    assert all(len(segs) == 1 for _, _, segs in chunks)
+    assert len(chunks) > cfg.num_experts, "some expert must be split across chunks"
+    step = gemm.SHAPE_STEP
+    expert_products = [(a, w) for a, w in shapes if 210 not in (*a, *w)]  # not the router's (T = 210)
+    assert expert_products and all(a[0] % step == 0 or a[1] % step == 0 for a, _ in expert_products)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -33,10 +33,9 @@ BACKENDS = ("auto", "onednn", "torch")
 MIN_MACS = 1 << 20  # below this many multiply-adds torch's MKL call is the quicker one
 # oneDNN builds (JIT-compiles) a kernel for every new problem shape: measured, a
 # 551x128 · 128x256 product takes 2.5 ms the first time and 0.2 ms after. An expert's
-# row count changes every training step, so its products would pay that at nearly
-# every call; the *_varying functions cut the changing dimension into a multiple of
-# SHAPE_STEP and a remainder, so oneDNN sees at most max/SHAPE_STEP + SHAPE_STEP - 1
-# distinct sizes, each compiled once and then cached.
+# row count changes every training step, so the expert bank pads each expert's rows
+# with zero rows to a multiple of SHAPE_STEP (moe/experts/grouped.py): oneDNN then
+# sees at most max_rows / SHAPE_STEP distinct sizes, each compiled once and cached.
 SHAPE_STEP = 64
 # up to this many rows (decode) and from this weight size, ops/rowmv.py's mat-vec kernel
 ROWMV_MAX_ROWS = 4
@@ -95,6 +94,12 @@ def _offsets(rows: int) -> torch.Tensor:
     return torch.tensor([0, rows], dtype=torch.int64)
 
 
+def onednn_takes(x: torch.Tensor) -> bool:
+    """Whether products on tensors like x can run on oneDNN (device, dtype, backend)."""
+    return (_ONEDNN_LINEAR is not None and _backend != "torch" and x.device.type == "cpu"
+            and x.dtype in _DTYPES)
+
+
 def _onednn_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
     if _backend == "torch" or _ONEDNN_LINEAR is None:
         return False
@@ -129,34 +134,6 @@ def linear(a_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None =
 def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a · b: (M, K) × (K, N) -> (M, N)."""
     return linear(a_MK, b_KN.t(), out=out)
-
-
-def _cuts(n: int) -> list[tuple[int, int]]:
-    """[0, n) as the largest multiple of SHAPE_STEP and the remainder."""
-    m = n - n % SHAPE_STEP
-    return [(a, b) for a, b in ((0, m), (m, n)) if b > a]
-
-
-def mm_varying_rows(a_MK: torch.Tensor, b_KN: torch.Tensor, out_MN: torch.Tensor) -> torch.Tensor:
-    """out = a · b for an M that changes from call to call (an expert's rows)."""
-    for s, t in _cuts(a_MK.shape[0]):
-        mm(a_MK[s:t], b_KN, out=out_MN[s:t])
-    return out_MN
-
-
-def mm_varying_inner(a_MK: torch.Tensor, b_KN: torch.Tensor, out_MN: torch.Tensor,
-                     accumulate: bool) -> torch.Tensor:
-    """out = a · b (or out += a · b) for a K that changes from call to call (a weight
-    gradient: a sum over an expert's rows)."""
-    for s, t in _cuts(a_MK.shape[1]):
-        if accumulate:
-            addmm_(out_MN, a_MK[:, s:t], b_KN[s:t])
-        else:
-            mm(a_MK[:, s:t], b_KN[s:t], out=out_MN)
-            accumulate = True
-    if not accumulate:  # K = 0
-        out_MN.zero_()
-    return out_MN
 
 
 def addmm_(c_MN: torch.Tensor, a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,10 @@ MAX_BUFFER_BYTES = 30 * 2**20
 Segments = list[tuple[int, int, int]]  # (expert, row start, row end) inside a chunk
 
 
-def plan_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, Segments]]:
-    """Split expert-sorted rows into chunks of at most max_rows rows."""
+def plan_chunks(counts: list[int], max_rows: int, one_expert: bool = False
+                ) -> list[tuple[int, int, Segments]]:
+    """Split expert-sorted rows into chunks of at most max_rows rows; with one_expert,
+    a chunk never holds rows of two experts (see _padded_path)."""
     chunks: list[tuple[int, int, Segments]] = []
     segs: Segments = []
     r0 = n = 0
@@ -58,7 +60,7 @@ def plan_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, Segmen
             take = min(c, max_rows - n)
             segs.append((e, n, n + take))
             n, c = n + take, c - take
-            if n == max_rows:
+            if n == max_rows or (one_expert and c == 0):
                 chunks.append((r0, r0 + n, segs))
                 r0, n, segs = r0 + n, 0, []
     if n:
@@ -71,7 +73,22 @@ def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
         return 1 << 30
     row_bytes = x.element_size() * max(n_in, x.shape[-1])
     rows = max(MIN_ROWS, CHUNK_BYTES // row_bytes)
-    return max(1, min(rows, MAX_BUFFER_BYTES // row_bytes))
+    rows = max(1, min(rows, MAX_BUFFER_BYTES // row_bytes))
+    return rows - rows % gemm.SHAPE_STEP if rows > gemm.SHAPE_STEP else rows
+
+
+def _padded_path(x: torch.Tensor) -> int:
+    """Rows are padded to a multiple of this (1: no padding).
+
+    On oneDNN (ops/gemm.py) each chunk holds one expert and its rows are padded with
+    zero rows up to a multiple of gemm.SHAPE_STEP, so (a) oneDNN, which compiles a kernel
+    per new shape, sees few shapes, (b) every product is one call whose fresh output is
+    used as is (oneDNN has no out=, and copying results into chunk buffers cost more than
+    its speed-up on small experts), and (c) the zero rows stay zero through every stage,
+    so they add nothing to the weight gradients. Elsewhere (CUDA, fp64, the torch
+    backend) chunks hold several experts and products write into chunk buffers.
+    """
+    return gemm.SHAPE_STEP if gemm.onednn_takes(x) else 1
 
 
 class _Scratch:
@@ -86,10 +103,26 @@ class _Scratch:
             buf = self.bufs[name] = self.like.new_empty(self.rows, width)
         return buf[:n]
 
+    def gather(self, name: str, src_TW: torch.Tensor, tok_n: torch.Tensor, m: int) -> torch.Tensor:
+        """src rows tok into the first n rows, zeros in rows n..m (the padding)."""
+        n = tok_n.shape[0]
+        out = self.get(name, m, src_TW.shape[1])
+        torch.index_select(src_TW, 0, tok_n, out=out[:n])
+        if m > n:
+            out[n:].zero_()
+        return out
 
-def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tensor, transpose: bool):
+
+def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tensor | None,
+            transpose: bool) -> torch.Tensor:
+    """Row block of each segment times its expert's weight (transposed if asked), into
+    out; out=None (padded path: one segment over all of a's rows) returns a fresh tensor."""
+    if out is None:
+        (e, _, _), = segs
+        return gemm.mm(a, w_E[e].t() if transpose else w_E[e])
     for e, s, t in segs:
-        gemm.mm_varying_rows(a[s:t], w_E[e].t() if transpose else w_E[e], out[s:t])
+        torch.mm(a[s:t], w_E[e].t() if transpose else w_E[e], out=out[s:t])
+    return out
 
 
 def _act_fwd(act: Activation, h_nN: torch.Tensor, a_nF: torch.Tensor, s_nF: torch.Tensor | None = None):
@@ -113,73 +146,82 @@ def _act_bwd(act: Activation, h_nN, da_nF, s_nF, dh_nN, tmp_nF):
 
 
 class _GroupedFFN(torch.autograd.Function):
+    """Rows r0..r1 of a chunk are n real rows, padded to m (m = n off the padded path)."""
+
     @staticmethod
     def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, counts, act_name):
         act: Activation = ACTIVATIONS.get(act_name)
         T, D = x_TD.shape
         N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
+        pad = _padded_path(x_TD)
         rows = _rows_per_chunk(x_TD, N)
-        chunks = plan_chunks(counts, rows)
+        chunks = plan_chunks(counts, rows, one_expert=pad > 1)
         keep_h = any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
-        scratch = _Scratch(x_TD, min(rows, max(1, token_idx_R.shape[0])))
+        scratch = _Scratch(x_TD, _round_up(min(rows, max(1, token_idx_R.shape[0])), pad))
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
         y_TD = x_TD.new_zeros(T, D)
         hs = []
         for r0, r1, segs in chunks:
             n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
-            x_nD = torch.index_select(x_TD, 0, tok, out=scratch.get("xo", n, D))
-            h_nN = x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
-            _seg_mm(x_nD, w_in_END, segs, h_nN, transpose=True)
-            a_nF = _act_fwd(act, h_nN, scratch.get("a", n, Fh))
+            m = _round_up(n, pad)
+            x_mD = scratch.gather("xo", x_TD, tok, m)
+            h_out = None if pad > 1 else x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
+            h_mN = _seg_mm(x_mD, w_in_END, segs, h_out, transpose=True)
+            a_mF = _act_fwd(act, h_mN, scratch.get("a", m, Fh))
             if Fh <= D:  # out = (w·a) W_outᵀ: scale the narrower of a and out
-                a_nF.mul_(w_n1)
-            o_nD = scratch.get("xo", n, D)  # x_nD is spent: its buffer takes the output
-            _seg_mm(a_nF, w_out_EDF, segs, o_nD, transpose=True)
+                a_mF[:n].mul_(w_n1)
+            o_out = None if pad > 1 else scratch.get("xo", n, D)  # x_nD is spent: its buffer takes the output
+            o_mD = _seg_mm(a_mF, w_out_EDF, segs, o_out, transpose=True)
             if Fh > D:
-                o_nD.mul_(w_n1)
-            y_TD.index_add_(0, tok, o_nD)
+                o_mD[:n].mul_(w_n1)
+            y_TD.index_add_(0, tok, o_mD[:n])
             if keep_h:
-                hs.append(h_nN)
+                hs.append(h_mN)
         # hs go through save_for_backward (not a ctx attribute) so autograd frees them
         # with the graph and a retain_graph=True backward can run twice (gradcheck does)
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs)
-        ctx.chunks, ctx.act, ctx.num_experts, ctx.rows = chunks, act, len(counts), rows
+        ctx.chunks, ctx.act, ctx.num_experts, ctx.rows, ctx.pad = chunks, act, len(counts), rows, pad
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
         x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs = ctx.saved_tensors
         act: Activation = ctx.act
+        pad = ctx.pad
         need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
-        D, N, Fh = x_TD.shape[1], w_in_END.shape[1], w_out_EDF.shape[2]
+        N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
         dw_in = torch.empty_like(w_in_END) if need_win else None
         dw_out = torch.empty_like(w_out_EDF) if need_wout else None
         dweights_R = x_TD.new_empty(weights_R.shape) if need_w else None
-        # first write per expert is mm(out=), later ones addmm_: no zero-filled weight grads
+        # first write per expert is a plain product, later ones add: no zero-filled weight grads
         touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
-        scratch = _Scratch(x_TD, min(ctx.rows, max(1, token_idx_R.shape[0])))
-        for (r0, r1, segs), h_nN in zip(ctx.chunks, hs, strict=True):
+        scratch = _Scratch(x_TD, _round_up(min(ctx.rows, max(1, token_idx_R.shape[0])), pad))
+        for (r0, r1, segs), h_mN in zip(ctx.chunks, hs, strict=True):
             n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
-            dy_nD = torch.index_select(dy_TD, 0, tok, out=scratch.get("dy", n, D))
-            u_nF = scratch.get("u", n, Fh)  # dy · W_out: d(out)/d(a) before the weight
-            _seg_mm(dy_nD, w_out_EDF, segs, u_nF, transpose=False)
-            s_nF = scratch.get("s", n, Fh) if act.name == "swiglu" else None
-            a_nF = _act_fwd(act, h_nN, scratch.get("a", n, Fh), s_nF)  # recomputed, not saved
+            m = _round_up(n, pad)
+            dy_mD = scratch.gather("dy", dy_TD, tok, m)
+            # dy · W_out: d(out)/d(a) before the weight
+            u_mF = _seg_mm(dy_mD, w_out_EDF, segs, None if pad > 1 else scratch.get("u", n, Fh), transpose=False)
+            s_mF = scratch.get("s", m, Fh) if act.name == "swiglu" else None
+            a_mF = _act_fwd(act, h_mN, scratch.get("a", m, Fh), s_mF)  # recomputed, not saved
             if need_w:
-                dweights_R[r0:r1] = torch.linalg.vecdot(u_nF, a_nF)
+                dweights_R[r0:r1] = torch.linalg.vecdot(u_mF[:n], a_mF[:n])
             if need_wout:
-                _accumulate_wgrad(dw_out, dy_nD, a_nF.mul_(w_n1), segs, touched_out)
-            dh_nN = _act_bwd(act, h_nN, u_nF.mul_(w_n1), s_nF, scratch.get("dh", n, N), a_nF)
+                a_mF[:n].mul_(w_n1)
+                _accumulate_wgrad(dw_out, dy_mD, a_mF, segs, touched_out)
+            u_mF[:n].mul_(w_n1)
+            dh_mN = _act_bwd(act, h_mN, u_mF, s_mF, scratch.get("dh", m, N), a_mF)
+            if m > n:  # the padding rows: zero, whatever the activation's slope at 0
+                dh_mN[n:].zero_()
             if need_win:
-                x_nD = torch.index_select(x_TD, 0, tok, out=scratch.get("x", n, D))
-                _accumulate_wgrad(dw_in, dh_nN, x_nD, segs, touched_in)
+                _accumulate_wgrad(dw_in, dh_mN, scratch.gather("x", x_TD, tok, m), segs, touched_in)
             if need_x:
-                dx_nD = scratch.get("dy", n, D)  # dy_nD is spent: its buffer takes dx
-                _seg_mm(dh_nN, w_in_END, segs, dx_nD, transpose=False)
-                dx_TD.index_add_(0, tok, dx_nD)
+                dx_out = None if pad > 1 else scratch.get("dy", n, x_TD.shape[1])  # dy is spent
+                dx_mD = _seg_mm(dh_mN, w_in_END, segs, dx_out, transpose=False)
+                dx_TD.index_add_(0, tok, dx_mD[:n])
         for g, touched in ((dw_in, touched_in), (dw_out, touched_out)):
             if g is not None:  # experts that got no rows have zero gradient
                 for e in (e for e, hit in enumerate(touched) if not hit):
@@ -188,11 +230,20 @@ class _GroupedFFN(torch.autograd.Function):
         return dx_TD, dw_in, dw_out, dw, None, None, None
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched):
-    """dw_E[e] (A, B) += left[rows of e]ᵀ · right[rows of e]."""
+    """dw_E[e] (A, B) += left[rows of e]ᵀ · right[rows of e] (all rows: padding is zero)."""
+    one = len(segs) == 1
     for e, s, t in segs:
-        gemm.mm_varying_inner(left_nA[s:t].t(), right_nB[s:t], dw_E[e], accumulate=touched[e])
-        touched[e] = True
+        left, right = (left_nA, right_nB) if one else (left_nA[s:t], right_nB[s:t])
+        if touched[e]:
+            gemm.addmm_(dw_E[e], left.t(), right)
+        else:
+            gemm.mm(left.t(), right, out=dw_E[e])
+            touched[e] = True
 
 
 def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tensor,

@@ -85,35 +85,39 @@ def test_one_expert_chunks_never_mix_experts(counts, max_rows):
 def test_padded_path_matches_the_loop_oracle(monkeypatch, expert):
     """fp32 on oneDNN: one expert per chunk, rows padded with zeros to a multiple of
     gemm.SHAPE_STEP (experts split across chunks too); every product oneDNN sees has a
-    row or inner size that is a multiple of SHAPE_STEP; results equal the oracle's."""
+    row count that is a multiple of SHAPE_STEP or below it; results equal the oracle's.
+    Widths (80, 72, 144) are neither, so only the row count can pass that check."""
     from moekit.ops import gemm
 
     if not gemm.onednn_available():
         pytest.skip("torch built without oneDNN")
     monkeypatch.setattr(grouped, "MIN_ROWS", 1)
-    monkeypatch.setattr(grouped, "CHUNK_BYTES", 64 * 4 * 16)  # 64 rows of width 16 in fp32 (32 of 32)
+    monkeypatch.setattr(grouped, "CHUNK_BYTES", 128 * 4 * 144)  # 128 rows of width 144 in fp32
     plans = _spy_chunks(monkeypatch)
     shapes = []
     real = gemm._ONEDNN_LINEAR
-    monkeypatch.setattr(gemm, "_ONEDNN_LINEAR", lambda a, w, *r: shapes.append((a.shape, w.shape)) or real(a, w, *r))
-    cfg = MoEConfig(d_model=16, num_experts=4, top_k=2, d_ff=16, expert=expert, init_std=0.5)
+    monkeypatch.setattr(gemm, "_ONEDNN_LINEAR", lambda a, w, *r: shapes.append(tuple(a.shape)) or real(a, w, *r))
+    cfg = MoEConfig(d_model=80, num_experts=4, top_k=2, d_ff=72, expert=expert, init_std=0.2)
     torch.manual_seed(0)
     fast = MoELayer(cfg)
-    ref = MoELayer(cfg.replace(expert_backend="loop"))
+    ref = MoELayer(cfg.replace(expert_backend="loop")).double()  # the oracle in fp64
     ref.load_state_dict(fast.state_dict())
-    x = torch.randn(3, 70, 16)
+    x = torch.randn(3, 200, 80)
     results = []
     for layer, backend in ((fast, "onednn"), (ref, "torch")):
-        xi = x.clone().requires_grad_()
+        xi = x.to(layer.router.weight.dtype).detach().clone().requires_grad_()
         with gemm.backend(backend):
             out = layer(xi)
-            (out.y * torch.linspace(-1, 1, out.y.numel()).view_as(out.y)).sum().backward()
+            probe = torch.linspace(-1, 1, out.y.numel(), dtype=out.y.dtype).view_as(out.y)
+            (out.y * probe).sum().backward()
         results.append([out.y, xi.grad] + [p.grad for p in layer.parameters()])
     chunks = plans[0]
     assert all(len(segs) == 1 for _, _, segs in chunks)
     assert len(chunks) > cfg.num_experts, "some expert must be split across chunks"
     step = gemm.SHAPE_STEP
-    expert_products = [(a, w) for a, w in shapes if 210 not in (*a, *w)]  # not the router's (T = 210)
-    assert expert_products and all(a[0] % step == 0 or a[1] % step == 0 for a, _ in expert_products)
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    expert_products = [a for a in shapes if 600 not in a]  # not the router's (T = 600)
+    assert expert_products
+    for a in expert_products:
+        assert any(d % step == 0 or d < step for d in a), a
+    for got, want in zip(*results, strict=True):  # fp32 rounding, relative to each tensor's scale
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()

@@ -80,8 +80,8 @@ def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
 def _padded_path(x: torch.Tensor) -> int:
     """Rows are padded to a multiple of this (1: no padding).
 
-    On oneDNN (ops/gemm.py) each chunk holds one expert and its rows are padded with
-    zero rows up to a multiple of gemm.SHAPE_STEP, so (a) oneDNN, which compiles a kernel
+    On oneDNN (ops/gemm.py) each chunk holds one expert and its rows, if there are at
+    least gemm.SHAPE_STEP, are padded with zero rows up to a multiple of it, so (a) oneDNN, which compiles a kernel
     per new shape, sees few shapes, (b) every product is one call whose fresh output is
     used as is (oneDNN has no out=, and copying results into chunk buffers cost more than
     its speed-up on small experts), and (c) the zero rows stay zero through every stage,
@@ -163,7 +163,7 @@ class _GroupedFFN(torch.autograd.Function):
         hs = []
         for r0, r1, segs in chunks:
             n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
-            m = _round_up(n, pad)
+            m = _padded_rows(n, pad)
             x_mD = scratch.gather("xo", x_TD, tok, m)
             h_out = None if pad > 1 else x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
             h_mN = _seg_mm(x_mD, w_in_END, segs, h_out, transpose=True)
@@ -201,7 +201,7 @@ class _GroupedFFN(torch.autograd.Function):
         scratch = _Scratch(x_TD, _round_up(min(ctx.rows, max(1, token_idx_R.shape[0])), pad))
         for (r0, r1, segs), h_mN in zip(ctx.chunks, hs, strict=True):
             n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
-            m = _round_up(n, pad)
+            m = _padded_rows(n, pad)
             dy_mD = scratch.gather("dy", dy_TD, tok, m)
             # dy · W_out: d(out)/d(a) before the weight
             u_mF = _seg_mm(dy_mD, w_out_EDF, segs, None if pad > 1 else scratch.get("u", n, Fh), transpose=False)
@@ -232,6 +232,13 @@ class _GroupedFFN(torch.autograd.Function):
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
+
+
+def _padded_rows(n: int, step: int) -> int:
+    """n rows padded to a multiple of step; fewer than step rows stay as they are (at
+    most step - 1 more shapes, and a decode step with 5-8 rows per expert would
+    otherwise compute 64)."""
+    return n if n < step else _round_up(n, step)
 
 
 def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched):

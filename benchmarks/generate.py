@@ -11,7 +11,8 @@ Greedy decoding, batch 1 and 8, prompt of --prompt tokens. Decode tokens/s count
 generated tokens only: a forward hook on the model stamps the end of every forward,
 the step time is the median gap between consecutive decode forwards (so it includes
 each library's per-step generate overhead, excludes the prefill, and shrugs off the
-bursts of a shared machine), and tokens/s = batch / step time. Also reports whether
+bursts of a shared machine), and tokens/s = batch / step time. The libraries take turns
+(--repeats rounds of one generate each), so drift in load or memory bandwidth hits both. Also reports whether
 the greedy tokens agree (batch 1).
 """
 
@@ -43,18 +44,20 @@ def build(args, folder: str):
 
 
 @torch.no_grad()
-def decode_tps(model, run, prompt, new: int, repeats: int) -> float:
-    stamps: list[float] = []
-    hook = model.register_forward_hook(lambda *a: stamps.append(time.perf_counter()))
-    gaps = []
-    try:
-        for _ in range(repeats):
-            stamps.clear()
-            run(prompt, new)
-            gaps += [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]  # decode steps only
-    finally:
-        hook.remove()
-    return prompt.shape[0] / statistics.median(gaps)
+def decode_tps(runs: dict, prompt, new: int, repeats: int) -> dict[str, float]:
+    """tokens/s per library; repeats interleave the libraries (A B A B ...) so that drift
+    in a shared machine's load or memory bandwidth hits both alike."""
+    gaps: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, run) in runs.items():
+            stamps: list[float] = []
+            hook = model.register_forward_hook(lambda *a, s=stamps: s.append(time.perf_counter()))
+            try:
+                run(prompt, new)
+            finally:
+                hook.remove()
+            gaps[name] += [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]  # decode steps only
+    return {name: prompt.shape[0] / statistics.median(g) for name, g in gaps.items()}
 
 
 def main() -> None:
@@ -62,7 +65,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
@@ -88,8 +91,8 @@ def main() -> None:
     print(f"{'batch':>5} {'transformers tok/s':>19} {'moekit tok/s':>13} {'speedup':>8}")
     for b in args.batches:
         prompt = torch.randint(0, 32000, (b, args.prompt), generator=torch.Generator().manual_seed(b))
-        t_hf = decode_tps(hf, run_hf, prompt, args.new, args.repeats)
-        t_mk = decode_tps(mk, run_mk, prompt, args.new, args.repeats)
+        tps = decode_tps({"hf": (hf, run_hf), "mk": (mk, run_mk)}, prompt, args.new, args.repeats)
+        t_hf, t_mk = tps["hf"], tps["mk"]
         print(f"{b:>5} {t_hf:>19.1f} {t_mk:>13.1f} {t_mk / t_hf:>7.2f}x")
     prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     same = torch.equal(run_hf(prompt, args.new), run_mk(prompt, args.new))

@@ -12,21 +12,18 @@ Run by hand (not a test):
     python benchmarks/train.py --breakdown          # + fwd+bwd time per component
     python benchmarks/train.py --hf qwen3 --hf-experts eager
 
-Measured 2026-11-22 (torch 2.13 CPU, 2-core VM shared with other jobs, load ~8-12),
-tokens per process-CPU second (wall-clock in brackets), --threads 1:
-  batch 16 x 128: tiny 8868 (3576), dense 10462 (4314), HF Mixtral grouped_mm 9058 (3494)
-                  -> MoE/dense 0.85 (0.83), MoE/HF 0.98x (1.02x)
-  batch 8 x 256:  MoE/dense 0.88 (0.93), MoE/HF 0.98x (1.06x); HF eager experts 0.99x
-  MoE/dense by tokens per step (x 256 seq): 256 -> 0.63, 1024 -> 0.72, 4096 -> 0.93.
-  Per block at T=2048 (fwd+bwd, CPU ms): attention 20-28, MoE FFN 24-25 (grouped experts
-  22, router 1, dispatch 0.1, losses+stats 0.1), dense FFN 17-18, HF MoE block 22-27.
-  The experts' GEMMs take the same time as the dense FFN's; the gap is gather/scatter
-  and the element-wise SwiGLU backward on R = T·K rows. Attention is ~half of a step,
-  so the MoE layer alone cannot make the model 2x faster than transformers here.
-  --threads 2 on the loaded machine: every op is ~10x slower (even RMSNorm: 0.7 -> 60
-  ms; OpenMP barriers wait for descheduled threads) and MoE/dense falls to 0.4-0.65,
-  since the MoE step issues ~3.4x more GEMM calls (per expert, per chunk) than the
-  dense one; rerun on an idle machine before trusting a 2-thread ratio.
+Measured 2026-11-22, session 2 (torch 2.13 CPU, 2-core shared VM, --threads 2 --rounds 5,
+after moving products to oneDNN, ops/gemm.py), wall-clock tokens/s, two runs:
+  MoE/dense 0.823 and 0.759; MoE/HF Mixtral 1.28x and 1.09x.
+  oneDNN made the dense twin faster than the MoE (the tiny preset's experts are 128 wide:
+  their GEMMs are small, and gather/scatter and the SwiGLU pass over R = T·K rows stay);
+  with MOEKIT_GEMM=torch the same run gave MoE/dense 0.858, MoE/HF 1.12x.
+  `--breakdown` (fwd+bwd, T=2048, wall ms): attention 11.1, dense FFN 6.1, MoE FFN 13.3
+  (grouped experts 10.4, router 0.7, dispatch 0.1, losses+stats 0.1), HF Mixtral MoE block
+  15.8, HF attention 13.2. Attention is ~half of a step, so the MoE layer alone cannot
+  make the model 2x faster than transformers here.
+  On a loaded machine 2-thread times mostly measure the scheduler (OpenMP barriers wait
+  for descheduled threads); compare the CPU-second table, or rerun when idle.
 """
 
 from __future__ import annotations

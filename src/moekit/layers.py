@@ -4,7 +4,9 @@
 dx = dy w, dw = dyᵀ x) all go through ops.gemm, so on CPU they run on oneDNN where
 that is faster than torch's MKL call (see ops/gemm.py for the measurements).
 `Linear` is an nn.Linear (same parameters, same state-dict keys, same init) whose
-forward is that function.
+forward is that function. Its backward is once-differentiable: for double backward
+(gradient penalties, Hessian-vector products) or torch.func transforms, run with
+MOEKIT_GEMM=torch (or under `gemm.backend("torch")`), which makes it F.linear.
 """
 
 from __future__ import annotations

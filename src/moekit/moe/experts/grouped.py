@@ -237,7 +237,7 @@ def _round_up(n: int, step: int) -> int:
 def _padded_rows(n: int, step: int) -> int:
     """n rows padded to a multiple of step; fewer than step rows stay as they are (at
     most step - 1 more shapes, and a decode step with 5-8 rows per expert would
-    otherwise compute 64)."""
+    otherwise compute a full step of rows)."""
     return n if n < step else _round_up(n, step)
 
 

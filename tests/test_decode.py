@@ -118,7 +118,7 @@ def test_gemm_linear_uses_the_kernel_for_decode_rows(monkeypatch, M):
 
 def test_routing_stats_are_computed_when_read_and_once(monkeypatch):
     """A decode step that never reads its stats pays nothing for them."""
-    from moekit.moe.balance import stats as stats_mod
+    from moekit.moe import types as stats_mod
 
     calls = []
     real = stats_mod._entropy

@@ -9,6 +9,7 @@ Shape legend (used in every tensor name in moekit):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -66,40 +67,59 @@ class DispatchPlan:
         return self.token_idx_R.shape[0]
 
 
+def _entropy(p_TE: torch.Tensor) -> torch.Tensor:
+    if not p_TE.shape[0]:
+        return p_TE.new_zeros(())
+    return -(p_TE * torch.log(p_TE.clamp(min=1e-20))).sum(-1).mean()
+
+
 class RoutingStats:
     """Detached routing metrics of one forward (no host sync needed to build them).
 
-    Each is computed on first access from the forward's counts and probabilities and
-    then kept: a training step that logs them pays ~10 small ops per layer, a decode
-    step that never reads them pays nothing (moe/balance/stats.py has the formulas).
+    Each is computed on first read from the forward's counts and probabilities, then
+    kept: a training step that logs them pays ~10 small ops per layer, a decode step
+    that never reads them pays nothing.
     """
 
     FIELDS = ("tokens_per_expert", "requested_per_expert", "drop_fraction", "router_entropy",
               "dead_experts", "unrouted_fraction")
 
-    def __init__(self, compute: dict) -> None:
-        # name -> zero-argument function; each runs at most once
-        self._compute, self._values = compute, {}
+    def __init__(self, counts_E: torch.Tensor, requested_E: torch.Tensor, probs_TE: torch.Tensor,
+                 token_idx_R: torch.Tensor, num_tokens: int) -> None:
+        self.tokens_per_expert = counts_E.detach()  # (E,) rows kept per expert
+        self.requested_per_expert = requested_E.detach()  # (E,) slots assigned before capacity drops
+        self._p_TE, self._token_idx_R, self._num_tokens = probs_TE.detach(), token_idx_R, num_tokens
 
-    def __getattr__(self, name: str) -> torch.Tensor:
-        compute = self.__dict__.get("_compute", {})
-        if name not in compute:
-            raise AttributeError(f"RoutingStats has no field {name!r}; fields: {', '.join(self.FIELDS)}")
-        values = self.__dict__["_values"]
-        if name not in values:
-            with torch.no_grad():
-                values[name] = compute[name]()
-        return values[name]
+    @functools.cached_property
+    def drop_fraction(self) -> torch.Tensor:
+        """() dropped slots / assigned slots."""
+        assigned = self.requested_per_expert.sum().float()
+        kept = self.tokens_per_expert.sum().float()
+        return torch.where(assigned > 0, 1.0 - kept / assigned.clamp(min=1.0), torch.zeros_like(assigned))
+
+    @functools.cached_property
+    def router_entropy(self) -> torch.Tensor:
+        """() mean entropy (nats) of probs_TE."""
+        return _entropy(self._p_TE)
+
+    @functools.cached_property
+    def dead_experts(self) -> torch.Tensor:
+        """() experts that received no token."""
+        return (self.tokens_per_expert == 0).sum()
+
+    @functools.cached_property
+    def unrouted_fraction(self) -> torch.Tensor:
+        """() tokens with no expert at all (after drops)."""
+        if not self._p_TE.shape[0]:
+            return self._p_TE.new_zeros(())
+        per_token = torch.bincount(self._token_idx_R, minlength=self._num_tokens)
+        return (per_token == 0).float().mean()
+
+    def __getattr__(self, name: str):  # only reached for names that do not exist
+        raise AttributeError(f"RoutingStats has no field {name!r}; fields: {', '.join(self.FIELDS)}")
 
     def __repr__(self) -> str:
         return "RoutingStats(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.FIELDS) + ")"
-
-    # tokens_per_expert: (E,) rows kept per expert
-    # requested_per_expert: (E,) slots assigned before capacity drops
-    # drop_fraction: () dropped slots / assigned slots
-    # router_entropy: () mean entropy (nats) of probs_TE
-    # dead_experts: () experts that received no token
-    # unrouted_fraction: () tokens with no expert at all (after drops)
 
 
 @dataclass(frozen=True)

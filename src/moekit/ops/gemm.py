@@ -104,9 +104,7 @@ def onednn_takes(x: torch.Tensor) -> bool:
 
 
 def _onednn_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
-    if _backend == "torch" or _ONEDNN_LINEAR is None:
-        return False
-    if a_MK.device.type != "cpu" or a_MK.dtype not in _DTYPES or w_NK.dtype != a_MK.dtype:
+    if not onednn_takes(a_MK) or w_NK.dtype != a_MK.dtype:
         return False
     if a_MK.dim() != 2 or w_NK.dim() != 2 or a_MK.numel() == 0 or w_NK.numel() == 0:
         return False

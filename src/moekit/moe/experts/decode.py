@@ -17,8 +17,9 @@ from moekit.moe.experts.activations import Activation
 from moekit.moe.types import DispatchPlan
 from moekit.ops import rowmv
 
-# rows per expert up to which the mat-vec kernel beats per-expert GEMMs (measured:
-# benchmarks/gemm.py --rows; past 4 rows the GEMM kernels' register blocking wins)
+# rows per expert up to which the mat-vec kernel beats per-expert GEMMs: in a probe
+# over 1, 2, 4, 8, 16 rows of weights read from memory, it matched or beat oneDNN up to
+# 4 rows and fell behind from 8 (oneDNN's register blocking reuses each weight load)
 DECODE_MAX_ROWS = 4
 
 
@@ -26,9 +27,9 @@ def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_E
           weights_R: torch.Tensor) -> bool:
     if max(counts, default=0) > DECODE_MAX_ROWS:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w_in_END, w_out_EDF, weights_R)):
+    if torch.is_grad_enabled() and (w_out_EDF.requires_grad or weights_R.requires_grad):
         return False
-    return rowmv.applies(x_TD, w_in_END) and w_out_EDF.stride(-1) == 1
+    return rowmv.applies(x_TD, w_in_END) and rowmv.applies(x_TD, w_out_EDF)  # both check grads too
 
 
 def decode_experts(x_TD: torch.Tensor, plan: DispatchPlan, counts: list[int], w_in_END: torch.Tensor,

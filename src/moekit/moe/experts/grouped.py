@@ -20,11 +20,11 @@ is narrower) once, since out = (w·a) W_outᵀ; SwiGLU runs as silu + mul in the
 and, in the backward, writes both halves of dh straight into one buffer (no torch.cat),
 with aten's fused silu_backward for the gate half.
 
-Per-expert GEMMs run through ops/gemm.py (oneDNN on CPU where it is faster than torch's
-MKL call, ~2.2x on the reference machine; rows cut so that oneDNN sees few distinct
-shapes, see gemm.SHAPE_STEP) into slices of the chunk buffers: on CPU
-torch's grouped_mm is itself a loop of mm and measured slower at these sizes (it
-allocates the whole output at once).
+Per-expert GEMMs run through ops/gemm.py: on oneDNN (CPU, ~2.2x torch's MKL call on the
+reference machine) one expert per chunk with zero-padded rows, each product's fresh
+output used as is (see _padded_path); elsewhere torch.mm into slices of the chunk
+buffers. torch's grouped_mm is not used: on CPU it is itself a loop of mm and measured
+slower at these sizes (it allocates the whole output at once).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def _padded_path(x: torch.Tensor) -> int:
     """Rows are padded to a multiple of this (1: no padding).
 
     On oneDNN (ops/gemm.py) each chunk holds one expert and its rows, if there are at
-    least gemm.SHAPE_STEP, are padded with zero rows up to a multiple of it, so (a) oneDNN, which compiles a kernel
-    per new shape, sees few shapes, (b) every product is one call whose fresh output is
+    least gemm.SHAPE_STEP, are padded with zero rows up to a multiple of it, so
+    (a) oneDNN, which compiles a kernel per new shape, sees few shapes, (b) every product is one call whose fresh output is
     used as is (oneDNN has no out=, and copying results into chunk buffers cost more than
     its speed-up on small experts), and (c) the zero rows stay zero through every stage,
     so they add nothing to the weight gradients. Elsewhere (CUDA, fp64, the torch

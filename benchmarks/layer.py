@@ -10,7 +10,7 @@ What it times (torch.set_num_threads(2) unless --threads, fp32, CPU):
   dense-gemm    the same FFN on moekit.layers.Linear, i.e. on the GEMM kernel moekit's experts
                 use (ops/gemm.py: oneDNN on CPU). The limit is the faster of the two dense rows.
   moekit-torchgemm  moekit with ops.gemm forced to torch's kernel (what the layer gains
-                without the kernel choice)
+                without the kernel choice; at decode its experts still use the rowmv kernel)
   mixtral-*     transformers MixtralSparseMoeBlock, config._experts_implementation "eager"
                 or "grouped_mm" (on fine, plus a transformers Qwen2MoeMLP shared expert)
   qwen3-*       transformers Qwen3MoeSparseMoeBlock, same two implementations (same + shared)
@@ -51,6 +51,7 @@ moekit's decode time / weight-read time (issue 2 target: ≤ 1.2 at T = 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -127,9 +128,7 @@ class MoekitLayer(nn.Module):
     def forward(self, x):
         from moekit.ops import gemm
 
-        if self.gemm_backend is None:
-            return self.layer(x).y
-        with gemm.backend(self.gemm_backend):
+        with contextlib.nullcontext() if self.gemm_backend is None else gemm.backend(self.gemm_backend):
             return self.layer(x).y
 
 

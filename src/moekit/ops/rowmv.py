@@ -1,22 +1,16 @@
 """Grouped row mat-vec for decode: y[r] = W[e(r)] · a[r], rows sorted by expert.
 
 The fast path is a small C++ kernel (csrc/rowmv.cpp; why it beats torch's call at
-decode sizes is said there), compiled with torch.utils.cpp_extension on first use into
-torch's extension cache (~10 s, once per machine). Without a compiler, for other
-dtypes or devices, with MOEKIT_EXT=0, or when autograd needs a gradient (the kernel
+decode sizes is said there), built with moekit's other kernels (ops/ext.py). Without
+a build, for other dtypes or devices, or when autograd needs a gradient (the kernel
 has no backward: it serves inference only), the torch reference below runs instead.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "rowmv.cpp"
-_state: dict[str, object] = {}  # "op": the compiled op, or None once a build has failed
+from moekit.ops import ext
 
 
 def reference(a_RK: torch.Tensor, w_ENK: torch.Tensor, offsets_E1: torch.Tensor) -> torch.Tensor:
@@ -30,35 +24,18 @@ def reference(a_RK: torch.Tensor, w_ENK: torch.Tensor, offsets_E1: torch.Tensor)
     return y_RN
 
 
-def _compiled():
-    if "op" not in _state:
-        _state["op"] = None
-        if os.environ.get("MOEKIT_EXT", "1") != "0":
-            try:
-                from torch.utils import cpp_extension
-
-                cpp_extension.load(name="moekit_rowmv", sources=[str(SOURCE)], is_python_module=False,
-                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                   extra_ldflags=["-fopenmp"])
-                _state["op"] = torch.ops.moekit.grouped_rows_linear
-            except Exception as e:  # no compiler, no headers: the reference still works
-                warnings.warn(f"moekit: the decode kernel did not build ({type(e).__name__}: "
-                              f"{str(e)[:200]}); using the torch reference", stacklevel=3)
-    return _state["op"]
-
-
 def applies(a_RK: torch.Tensor, w_ENK: torch.Tensor) -> bool:
     """Whether the compiled kernel takes these operands (and builds it if needed)."""
     if a_RK.device.type != "cpu" or a_RK.dtype != torch.float32 or w_ENK.dtype != torch.float32:
         return False
     if w_ENK.stride(-1) != 1 or (torch.is_grad_enabled() and (a_RK.requires_grad or w_ENK.requires_grad)):
         return False
-    return _compiled() is not None
+    return ext.available()
 
 
 def grouped_rows_linear(a_RK: torch.Tensor, w_ENK: torch.Tensor, offsets_E1: torch.Tensor) -> torch.Tensor:
     """a (R, K) sorted by expert, w (E, N, K), offsets (E + 1,) -> y (R, N) with
     y[r] = w[e] · a[r] for offsets[e] <= r < offsets[e + 1]."""
     if applies(a_RK, w_ENK):
-        return _state["op"](a_RK.contiguous(), w_ENK, offsets_E1.to(torch.int64))
+        return ext.op("grouped_rows_linear")(a_RK.contiguous(), w_ENK, offsets_E1.to(torch.int64))
     return reference(a_RK, w_ENK, offsets_E1)

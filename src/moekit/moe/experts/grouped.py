@@ -16,9 +16,11 @@ needed (an inference forward keeps nothing). The gradient of the routing weights
 the product backward computes anyway, so out_RD is never stored.
 
 Fewer passes over the routed rows: the routing weight scales a_RF (or out_RD, whichever
-is narrower) once, since out = (w·a) W_outᵀ; SwiGLU runs as silu + mul in the forward
-and, in the backward, writes both halves of dh straight into one buffer (no torch.cat),
-with aten's fused silu_backward for the gate half.
+is narrower) once, since out = (w·a) W_outᵀ. SwiGLU on CPU float32 runs in
+ops/swiglu.py's kernel: one pass forward (silu · up · weight) and one backward (dh, a·w
+and the routing-weight gradient together), against 3 and 8 passes of torch ops; the
+torch ops (_act_fwd/_act_grads) stay for other dtypes, devices and activations, and
+write both halves of dh straight into one buffer (no torch.cat).
 
 Per-expert GEMMs run through ops/gemm.py: on oneDNN (CPU, ~2.2x torch's MKL call on the
 reference machine) one expert per chunk with zero-padded rows, each product's fresh
@@ -34,7 +36,7 @@ import torch
 from moekit.moe.experts import decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
 from moekit.moe.types import DispatchPlan
-from moekit.ops import gemm
+from moekit.ops import gemm, swiglu
 
 # bytes of the widest chunk buffer: small enough to keep a chunk's rows in L3 ...
 CHUNK_BYTES = 4 * 2**20
@@ -125,24 +127,53 @@ def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tenso
     return out
 
 
-def _act_fwd(act: Activation, h_nN: torch.Tensor, a_nF: torch.Tensor, s_nF: torch.Tensor | None = None):
-    """a = act(h) written into a_nF; for SwiGLU also silu(gate) into s_nF when given."""
-    if act.name != "swiglu":
-        return a_nF.copy_(act.fwd(h_nN))
-    F = a_nF.shape[1]
-    s = torch.ops.aten.silu.out(h_nN[:, :F], out=a_nF if s_nF is None else s_nF)
-    return torch.mul(s, h_nN[:, F:], out=a_nF)
+def _fused_swiglu(act: Activation, *tensors: torch.Tensor) -> bool:
+    """SwiGLU on CPU float32: ops/swiglu.py's one-pass kernel instead of torch's passes."""
+    return act.name == "swiglu" and swiglu.applies(*tensors)
 
 
-def _act_bwd(act: Activation, h_nN, da_nF, s_nF, dh_nN, tmp_nF):
-    """dh = d act(h) / dh · da written into dh_nN (s_nF = silu(gate) from _act_fwd)."""
+def _act_fwd(act: Activation, h_mN: torch.Tensor, a_mF: torch.Tensor, w_n1: torch.Tensor | None = None,
+             s_mF: torch.Tensor | None = None):
+    """a = act(h) written into a_mF, its first len(w_n1) rows times w_n1 when given; for
+    SwiGLU off the kernel also silu(gate) into s_mF when given."""
+    if _fused_swiglu(act, h_mN, a_mF) and s_mF is None:
+        return swiglu.forward(h_mN, w_n1, a_mF)
     if act.name != "swiglu":
-        return dh_nN.copy_(act.bwd(h_nN, da_nF))
-    F = da_nF.shape[1]
-    torch.mul(da_nF, s_nF, out=dh_nN[:, F:])  # d up = da · silu(g)
-    torch.mul(da_nF, h_nN[:, F:], out=tmp_nF)  # d silu(g) = da · up
-    torch.ops.aten.silu_backward.grad_input(tmp_nF, h_nN[:, :F], grad_input=dh_nN[:, :F])
-    return dh_nN
+        a_mF.copy_(act.fwd(h_mN))
+    else:
+        F = a_mF.shape[1]
+        s = torch.ops.aten.silu.out(h_mN[:, :F], out=a_mF if s_mF is None else s_mF)
+        torch.mul(s, h_mN[:, F:], out=a_mF)
+    if w_n1 is not None:
+        a_mF[: w_n1.shape[0]].mul_(w_n1)
+    return a_mF
+
+
+def _act_grads(act: Activation, h_mN, u_mF, w_n1, scratch: _Scratch, need_w: bool, need_a: bool):
+    """From u = dy · W_out (the gradient reaching a·w, before w): dh (padding rows zero),
+    a·w (when need_a: dW_out's left operand) and the routing-weight gradient <u, a> of
+    the n real rows (when need_w). Returns (dh_mN, aw_mF or None, dweights_n or None)."""
+    (m, Fh), n, N = u_mF.shape, w_n1.shape[0], h_mN.shape[1]
+    dh_mN, a_mF = scratch.get("dh", m, N), scratch.get("a", m, Fh)
+    if _fused_swiglu(act, h_mN, u_mF, w_n1, dh_mN):
+        dw_n = swiglu.backward(h_mN, u_mF, w_n1.reshape(-1), dh_mN, a_mF if need_a else None, need_w)
+        return dh_mN, a_mF if need_a else None, dw_n
+    s_mF = scratch.get("s", m, Fh) if act.name == "swiglu" else None
+    a_mF = _act_fwd(act, h_mN, a_mF, s_mF=s_mF)  # recomputed, not saved
+    dw_n = torch.linalg.vecdot(u_mF[:n], a_mF[:n]) if need_w else None
+    if need_a:
+        a_mF[:n].mul_(w_n1)
+    u_mF[:n].mul_(w_n1)
+    if act.name != "swiglu":
+        dh_mN.copy_(act.bwd(h_mN, u_mF))
+    else:  # a_mF is spent when not needed; else "s2" takes the d silu(g) temporary
+        tmp_mF = scratch.get("s2", m, Fh) if need_a else a_mF
+        torch.mul(u_mF, s_mF, out=dh_mN[:, Fh:])  # d up = da · silu(g)
+        torch.mul(u_mF, h_mN[:, Fh:], out=tmp_mF)  # d silu(g) = da · up
+        torch.ops.aten.silu_backward.grad_input(tmp_mF, h_mN[:, :Fh], grad_input=dh_mN[:, :Fh])
+    if m > n:  # the padding rows: zero, whatever the activation's slope at 0
+        dh_mN[n:].zero_()
+    return dh_mN, a_mF if need_a else None, dw_n
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -167,9 +198,8 @@ class _GroupedFFN(torch.autograd.Function):
             x_mD = scratch.gather("xo", x_TD, tok, m)
             h_out = None if pad > 1 else x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
             h_mN = _seg_mm(x_mD, w_in_END, segs, h_out, transpose=True)
-            a_mF = _act_fwd(act, h_mN, scratch.get("a", m, Fh))
-            if Fh <= D:  # out = (w·a) W_outᵀ: scale the narrower of a and out
-                a_mF[:n].mul_(w_n1)
+            # out = (w·a) W_outᵀ: the weight scales the narrower of a and out
+            a_mF = _act_fwd(act, h_mN, scratch.get("a", m, Fh), w_n1 if Fh <= D else None)
             o_out = None if pad > 1 else scratch.get("xo", n, D)  # x_nD is spent: its buffer takes the output
             o_mD = _seg_mm(a_mF, w_out_EDF, segs, o_out, transpose=True)
             if Fh > D:
@@ -190,7 +220,7 @@ class _GroupedFFN(torch.autograd.Function):
         pad = ctx.pad
         need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
-        N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
+        Fh = w_out_EDF.shape[2]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
         dw_in = torch.empty_like(w_in_END) if need_win else None
         dw_out = torch.empty_like(w_out_EDF) if need_wout else None
@@ -205,17 +235,11 @@ class _GroupedFFN(torch.autograd.Function):
             dy_mD = scratch.gather("dy", dy_TD, tok, m)
             # dy · W_out: d(out)/d(a) before the weight
             u_mF = _seg_mm(dy_mD, w_out_EDF, segs, None if pad > 1 else scratch.get("u", n, Fh), transpose=False)
-            s_mF = scratch.get("s", m, Fh) if act.name == "swiglu" else None
-            a_mF = _act_fwd(act, h_mN, scratch.get("a", m, Fh), s_mF)  # recomputed, not saved
+            dh_mN, aw_mF, dw_n = _act_grads(act, h_mN, u_mF, w_n1, scratch, need_w, need_wout)
             if need_w:
-                dweights_R[r0:r1] = torch.linalg.vecdot(u_mF[:n], a_mF[:n])
+                dweights_R[r0:r1] = dw_n
             if need_wout:
-                a_mF[:n].mul_(w_n1)
-                _accumulate_wgrad(dw_out, dy_mD, a_mF, segs, touched_out)
-            u_mF[:n].mul_(w_n1)
-            dh_mN = _act_bwd(act, h_mN, u_mF, s_mF, scratch.get("dh", m, N), a_mF)
-            if m > n:  # the padding rows: zero, whatever the activation's slope at 0
-                dh_mN[n:].zero_()
+                _accumulate_wgrad(dw_out, dy_mD, aw_mF, segs, touched_out)
             if need_win:
                 _accumulate_wgrad(dw_in, dh_mN, scratch.gather("x", x_TD, tok, m), segs, touched_in)
             if need_x:

@@ -5,7 +5,7 @@
 // on the reference machine and oneDNN at ~15-35 GB/s, against ~30-55 GB/s for a plain
 // sum() over the same bytes; a dot-product loop over the weight rows, split over
 // torch's threads in blocks of whole rows, runs at the sum()'s speed
-// (benchmarks/gemm.py). moekit/ops/rowmv.py compiles this file on first use and keeps
+// (benchmarks/gemm.py). moekit/ops/ext.py builds this file on first use; ops/rowmv.py keeps
 // a torch reference beside it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -89,7 +89,7 @@ at::Tensor grouped_rows_linear(const at::Tensor& a_RK, const at::Tensor& w_ENK,
 
 }  // namespace
 
-TORCH_LIBRARY(moekit, m) {
+TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("grouped_rows_linear(Tensor a_RK, Tensor w_ENK, Tensor offsets_E1) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) { m.impl("grouped_rows_linear", grouped_rows_linear); }

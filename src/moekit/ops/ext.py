@@ -1,0 +1,44 @@
+"""moekit's C++ kernels (ops/csrc/*.cpp): one torch extension, built on first use.
+
+torch.utils.cpp_extension compiles the sources into torch's extension cache (about
+15 s, once per machine and source version) and registers their ops under
+torch.ops.moekit. Every kernel has a torch reference beside it (ops/rowmv.py,
+ops/topk.py, ops/swiglu.py) that runs instead where the kernel cannot: no compiler,
+MOEKIT_EXT=0, another dtype or device, or autograd needing a formula the kernel
+lacks. A failed build warns once and leaves the references in charge.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_state: dict[str, bool] = {}  # "built": whether torch.ops.moekit holds the kernels
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them on the first call)."""
+    if "built" not in _state:
+        _state["built"] = False
+        if os.environ.get("MOEKIT_EXT", "1") != "0":
+            try:
+                from torch.utils import cpp_extension
+
+                cpp_extension.load(name="moekit_ext", sources=[str(s) for s in SOURCES],
+                                   is_python_module=False,
+                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                   extra_ldflags=["-fopenmp"])
+                _state["built"] = True
+            except Exception as e:  # no compiler, no headers: the references still work
+                warnings.warn(f"moekit: the C++ kernels did not build ({type(e).__name__}: "
+                              f"{str(e)[:200]}); using the torch references", stacklevel=3)
+    return _state["built"]
+
+
+def op(name: str):
+    """torch.ops.moekit.<name> if the kernels are built, else None."""
+    return getattr(torch.ops.moekit, name) if available() else None

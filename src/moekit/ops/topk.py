@@ -1,0 +1,32 @@
+"""Row-wise top-k expert ids for the routers: csrc/topk.cpp, with torch.topk as the reference.
+
+The kernel serves CPU float32 scores of 2-D shape with k <= KMAX (why it beats torch.topk
+there is said in the .cpp); everything else, or MOEKIT_EXT=0, runs torch.topk. Both give
+the ids largest first with NaN above every number. On ties the kernel keeps the lower
+expert id (as `reference`, a stable sort, does); torch.topk promises no order on ties.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.ops import ext
+
+KMAX = 16  # the kernel's limit (csrc/topk.cpp)
+
+
+def reference(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The obviously-correct version: a stable descending sort, first k."""
+    return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def applies(scores_TE: torch.Tensor, k: int) -> bool:
+    return (scores_TE.device.type == "cpu" and scores_TE.dtype == torch.float32 and scores_TE.dim() == 2
+            and 1 <= k <= min(KMAX, scores_TE.shape[1]) and ext.available())
+
+
+def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """(T, E) scores -> (T, k) int64 ids of the k largest, largest first (no gradient)."""
+    if applies(scores_TE, k):
+        return ext.op("topk_ids")(scores_TE.detach(), k)
+    return torch.topk(scores_TE, k, dim=-1, sorted=True).indices

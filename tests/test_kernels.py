@@ -1,0 +1,148 @@
+"""The C++ top-k and SwiGLU kernels (ops/topk.py, ops/swiglu.py) against their torch
+references, and the expert bank with the fused SwiGLU against the same bank on torch's
+ops. (The decode mat-vec kernel is tested in test_decode.py.)"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moekit import MoEConfig, MoELayer
+from moekit.moe.experts import grouped
+from moekit.moe.router import base as router_base
+from moekit.ops import ext, swiglu, topk
+
+needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+pytestmark = needs_kernel
+
+
+def test_kernels_build_where_a_compiler_exists():
+    """Otherwise the tests below would check the references against themselves."""
+    assert ext.available()
+    assert topk.applies(torch.zeros(3, 8), 2) and swiglu.applies(torch.zeros(2, 4))
+
+
+def _scores(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(T, E, generator=g)
+    if kind == "ties":  # few distinct values: ties everywhere, lower id must win
+        x = torch.randint(-2, 3, (T, E), generator=g).float()
+        x[x == 0] = torch.where(torch.rand(int((x == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    elif kind == "nan":
+        x[::3, 1] = float("nan")
+        x[::5, E - 1] = -float("nan")
+    elif kind == "inf":
+        x[::2] = float("-inf")  # whole rows of -inf still give k distinct ids
+        x[::4, E // 2] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "nan", "inf"])
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (37, 8, 1), (64, 64, 8), (33, 128, 4), (5, 16, 16), (17, 3, 3)])
+def test_topk_kernel_matches_stable_sort(kind, T, E, k):
+    g = torch.Generator().manual_seed(T * E + k)
+    x = _scores(kind, T, E, g)
+    got = topk.topk_ids(x, k)
+    assert got.dtype == torch.int64 and got.shape == (T, k)
+    assert torch.equal(got, topk.reference(x, k))
+
+
+def test_topk_outside_the_kernel_is_torch_topk():
+    """k above KMAX, fp64 or a 3-D input: torch.topk, same ids on distinct scores."""
+    g = torch.Generator().manual_seed(0)
+    for x, k in [(torch.randn(9, 40, generator=g), 20), (torch.randn(9, 12, dtype=torch.float64, generator=g), 3),
+                 (torch.randn(2, 5, 12, generator=g), 3)]:
+        assert not topk.applies(x, k)
+        assert torch.equal(topk.topk_ids(x, k), torch.topk(x, k, dim=-1).indices)
+
+
+def test_routers_use_the_kernel(monkeypatch):
+    calls = []
+    real = topk.topk_ids
+    monkeypatch.setattr(topk, "topk_ids", lambda s, k: calls.append(k) or real(s, k))
+    layer = MoELayer(MoEConfig(d_model=16, num_experts=8, top_k=3, d_ff=8))
+    layer(torch.randn(4, 16))
+    assert calls == [3] and router_base.topk is topk
+
+
+def _swiglu_case(m: int, n: int, F: int, seed: int, strided: bool):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(m, 2 * F + (7 if strided else 0), generator=g) * 3
+    h = h[:, : 2 * F]  # strided=True: rows are contiguous, the tensor is not
+    h[n:] = 0  # padding rows
+    return h, torch.rand(n, generator=g), torch.randn(m, F, generator=g)
+
+
+CASES = [(64, 50, 37, False), (96, 96, 128, True), (32, 0, 20, False), (40, 33, 16, True), (3, 3, 1, False)]
+
+
+@pytest.mark.parametrize("m,n,F,strided", CASES)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_swiglu_forward_matches_reference(m, n, F, strided, weighted):
+    h, w, _ = _swiglu_case(m, n, F, m + F, strided)
+    w = w if weighted else None
+    out = torch.full((m, F), float("nan"))
+    got = swiglu.forward(h, w, out)
+    assert got is out
+    ref = swiglu.forward_reference(h.double(), (w if weighted else torch.empty(0)).double())
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,F,strided", CASES)
+@pytest.mark.parametrize("need_a,need_dw", [(True, True), (False, True), (True, False), (False, False)])
+def test_swiglu_backward_matches_autograd(m, n, F, strided, need_a, need_dw):
+    h, w, ub = _swiglu_case(m, n, F, m * F + 1, strided)
+    dh = torch.full((m, 2 * F), float("nan"))
+    a = torch.full((m, F), float("nan")) if need_a else None
+    dw = swiglu.backward(h, ub, w, dh, a, need_dw)
+    rdh, raw, rdw = swiglu.backward_reference(h.double(), ub.double(), w.double())
+    torch.testing.assert_close(dh.double(), rdh, atol=1e-5, rtol=1e-5)
+    assert (dh[n:] == 0).all()  # padding rows get exactly zero
+    if need_a:
+        torch.testing.assert_close(a.double(), raw, atol=1e-5, rtol=1e-5)
+    assert (dw is None) == (not need_dw)
+    if need_dw:
+        torch.testing.assert_close(dw.double(), rdw, atol=1e-4, rtol=1e-5)
+
+
+def test_swiglu_reference_runs_without_the_build(monkeypatch):
+    monkeypatch.setitem(ext._state, "built", False)
+    h, w, ub = _swiglu_case(8, 6, 5, 3, False)
+    out = swiglu.forward(h, w, torch.empty(8, 5))
+    torch.testing.assert_close(out, swiglu.forward_reference(h, w))
+    dh = torch.empty(8, 10)
+    dw = swiglu.backward(h, ub, w, dh, None, True)
+    rdh, _, rdw = swiglu.backward_reference(h, ub, w)
+    torch.testing.assert_close(dh, rdh)
+    torch.testing.assert_close(dw, rdw)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_fused_swiglu_bank_equals_torch_ops_bank(monkeypatch, shared):
+    """The whole layer, fp32, padded path included (T big enough for 32-row experts):
+    outputs and every gradient with the kernel equal those on torch's ops."""
+    cfg = MoEConfig(d_model=40, num_experts=4, top_k=2, d_ff=24, num_shared_experts=shared, init_std=0.3)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    x = torch.randn(300, 40)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        for p in layer.parameters():
+            p.grad = None
+        y = layer(xg).y
+        y.pow(2).sum().backward()
+        return [y.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    calls = []
+    real = grouped._fused_swiglu
+    monkeypatch.setattr(grouped, "_fused_swiglu", lambda *a: calls.append(real(*a)) or calls[-1])
+    fused = run()
+    assert calls and all(calls)  # the kernel ran, forward and backward
+    monkeypatch.setattr(grouped, "_fused_swiglu", lambda *a: False)
+    plain = run()
+    for a, b in zip(fused, plain, strict=True):
+        # fp32 sums in another order (router gradient: 300 tokens with cancellation):
+        # relative to the tensor's scale
+        assert (a - b).abs().max() <= 2e-5 * b.abs().max(), (a - b).abs().max()

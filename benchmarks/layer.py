@@ -40,7 +40,8 @@ kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs resets VmHWM), run
 fwd+bwd and reports VmHWM - VmRSS before it. RSS counts what the process really touches,
 whatever allocator path a library uses (glibc heap or mmap), so the number is the same
 kind for every implementation; it includes the parameter gradients (the same for all but
-dense) and every temporary alive at the peak.
+dense; moekit's pooled gradient buffers, ops/grad_pool.py, are released before the
+measured step so that they count too) and every temporary alive at the peak.
 
 Decode (T = 1 and T = 8, forward only, coarse and fine): besides the layers it times a
 weight read of the experts the tokens actually use (plus router and shared expert): a
@@ -63,6 +64,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from moekit.ops import grad_pool
 
 THREADS = 2
 ALWAYS = ("dense", "dense-gemm", "moekit")
@@ -353,6 +356,9 @@ def peak_memory_child(name: str, impl: str) -> float:
     step = make_step(m, x, dy)
     step()
     _zero_grads(m, x)
+    # moekit keeps its expert gradient buffers from step to step (ops/grad_pool.py);
+    # dropped here, so the measured step allocates them as every other row's does
+    grad_pool.release()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS

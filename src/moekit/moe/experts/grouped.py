@@ -36,7 +36,7 @@ import torch
 from moekit.moe.experts import decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
 from moekit.moe.types import DispatchPlan
-from moekit.ops import gemm, swiglu
+from moekit.ops import gemm, grad_pool, swiglu
 
 # bytes of the widest chunk buffer: small enough to keep a chunk's rows in L3 ...
 CHUNK_BYTES = 4 * 2**20
@@ -222,8 +222,9 @@ class _GroupedFFN(torch.autograd.Function):
         dy_TD = dy_TD.contiguous()
         Fh = w_out_EDF.shape[2]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        dw_in = torch.empty_like(w_in_END) if need_win else None
-        dw_out = torch.empty_like(w_out_EDF) if need_wout else None
+        # E times an FFN's weights: reused buffers, not fresh pages each step (ops/grad_pool.py)
+        dw_in = grad_pool.empty_like(w_in_END) if need_win else None
+        dw_out = grad_pool.empty_like(w_out_EDF) if need_wout else None
         dweights_R = x_TD.new_empty(weights_R.shape) if need_w else None
         # first write per expert is a plain product, later ones add: no zero-filled weight grads
         touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts

@@ -129,3 +129,42 @@ def test_compare_writes_a_report(text_file, tmp_path):
                    if '"eval"' in x][-1]
     assert abs(dense_flops / moe_flops - 1) < 0.15  # steps scaled to equal compute
     assert numbers["moe_val_at_budget"] is not None and numbers["dense_val_at_budget"] is not None
+    assert "moe_complete_runs" not in numbers  # no --budgets: the curve only
+
+
+def test_compare_budgets_are_complete_shorter_runs(text_file, tmp_path):
+    out = tmp_path / "cmp"
+    r = invoke(["compare", "--data", str(text_file), "--out", str(out), "--budgets", "0.5,1"]
+               + sets(["steps=8", "eval_every=4", "warmup=4", "sample_tokens=0"]))
+    assert r.exit_code == 0, r.output
+    half = json.loads((out / "tiny@0.5" / "run.json").read_text())["train"]
+    assert half["steps"] == 4 and half["warmup"] == 4  # its own whole schedule, not a cut
+    numbers = json.loads((out / "report.json").read_text())
+    runs = numbers["moe_complete_runs"]
+    assert [x["fraction"] for x in runs] == [0.5, 1.0]
+    assert runs[0]["flops"] == pytest.approx(runs[1]["flops"] / 2, rel=0.01)
+    assert "whole schedule" in (out / "report.md").read_text()
+    r = invoke(["compare", "--data", str(text_file), "--out", str(tmp_path / "x"), "--budgets", "0,1"])
+    assert r.exit_code == 2 and "--budgets='0,1' is invalid" in r.output
+
+
+def _fake_run(folder, points):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "eval", "flops": x, "val_loss": y}) + "\n" for x, y in points))
+    return folder
+
+
+def test_flops_to_reach_and_complete_runs(tmp_path):
+    from moekit.analysis.report import complete_runs, flops_to_reach
+
+    assert flops_to_reach([1, 2, 3], [5, 4, 3], 3.5) == pytest.approx(2.5)
+    assert flops_to_reach([1, 2, 3], [5, 4, 3], 6) == 1  # already there at the first point
+    assert flops_to_reach([1, 2, 3], [5, 4, 3], 2) is None  # never
+    runs = {0.5: _fake_run(tmp_path / "a", [(1, 9), (2, 4.0)]), 1.0: _fake_run(tmp_path / "b", [(2, 8), (4, 3.0)])}
+    got = complete_runs(runs, target=3.5)  # final losses 4.0 at 2, 3.0 at 4 -> 3.5 at 3
+    assert [r["final_val"] for r in got["moe_complete_runs"]] == [4.0, 3.0]
+    assert got["moe_flops_to_dense_final_complete"] == pytest.approx(3.0)
+    assert not got["moe_complete_is_upper_bound"]
+    got = complete_runs(runs, target=4.5)  # the smallest run is already below: an upper bound
+    assert got["moe_flops_to_dense_final_complete"] == 2 and got["moe_complete_is_upper_bound"]

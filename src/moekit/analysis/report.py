@@ -50,8 +50,24 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def write_report(out_dir: str | Path, moe_dir: str | Path, dense_dir: str | Path) -> dict:
-    """report.md and compare.png in out_dir; returns the headline numbers."""
+def complete_runs(budget_dirs: dict[float, Path], target: float) -> dict:
+    """MoE runs that each ran their own whole schedule, at fractions of the budget: their
+    final losses, and the FLOPs at which that (FLOPs, final loss) line reaches target.
+    If even the smallest run is at or below target, that run's FLOPs is an upper bound."""
+    runs = []
+    for f, d in sorted(budget_dirs.items()):
+        xs, ys = val_curve(d)
+        runs.append({"fraction": f, "flops": xs[-1], "final_val": ys[-1]})
+    xs, ys = [r["flops"] for r in runs], [r["final_val"] for r in runs]
+    return {"moe_complete_runs": runs,
+            "moe_flops_to_dense_final_complete": flops_to_reach(xs, ys, target),
+            "moe_complete_is_upper_bound": bool(ys) and ys[0] <= target}
+
+
+def write_report(out_dir: str | Path, moe_dir: str | Path, dense_dir: str | Path,
+                 budget_dirs: dict[float, Path] | None = None) -> dict:
+    """report.md and compare.png in out_dir; returns the headline numbers. budget_dirs
+    (fraction -> run folder, 1.0 the main MoE run) adds the complete shorter MoE runs."""
     out_dir = Path(out_dir)
     moe, dense = _run_row("MoE", Path(moe_dir)), _run_row("dense", Path(dense_dir))
     budget = min(moe["xs"][-1], dense["xs"][-1])
@@ -64,7 +80,9 @@ def write_report(out_dir: str | Path, moe_dir: str | Path, dense_dir: str | Path
         "moe_flops_to_dense_final": flops_to_reach(moe["xs"], moe["ys"], target),
         "dense_flops_to_dense_final": flops_to_reach(dense["xs"], dense["ys"], target),
     }
-    png = _plot(out_dir / "compare.png", [moe, dense], target)
+    if budget_dirs and len(budget_dirs) > 1:
+        numbers.update(complete_runs({f: Path(d) for f, d in budget_dirs.items()}, target))
+    png = _plot(out_dir / "compare.png", [moe, dense], target, numbers.get("moe_complete_runs"))
     (out_dir / "report.md").write_text(_markdown(moe, dense, numbers, png))
     (out_dir / "report.json").write_text(json.dumps(numbers, indent=1))
     return numbers
@@ -89,12 +107,22 @@ def _markdown(moe: dict, dense: dict, n: dict, png: Path | None) -> str:
         "- FLOPs per token = 6 x active matmul parameters + attention (training/loop.py); wall-clock "
         "speed is a separate question (see tokens/s).",
     ]
+    if "moe_complete_runs" in n:
+        got, dense_flops = n["moe_flops_to_dense_final_complete"], n["dense_flops_to_dense_final"]
+        share = (f"{'at most ' if n['moe_complete_is_upper_bound'] else ''}{got / dense_flops:.0%} of the dense FLOPs"
+                 if got and dense_flops else "not reached")
+        lines += ["", "MoE runs that each ran a whole schedule (warmup + cosine) at a fraction of the budget; "
+                  "the curve above reads the full run mid-schedule, at a higher learning rate:", "",
+                  "| fraction | training FLOPs | final val loss |", "|---|---|---|"]
+        lines += [f"| {r['fraction']:g} | {r['flops']:.3e} | {r['final_val']:.4f} |" for r in n["moe_complete_runs"]]
+        lines += ["", f"- from these runs, FLOPs for MoE to reach the dense model's final loss: "
+                  f"{_fmt(got, '.3e')} ({share})"]
     if png is not None:
         lines += ["", f"![validation loss vs training FLOPs]({png.name})"]
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, runs: list[dict], target: float) -> Path | None:
+def _plot(path: Path, runs: list[dict], target: float, complete: list[dict] | None = None) -> Path | None:
     try:
         from moekit.analysis.plots import _pyplot, save_line_figure
 
@@ -104,6 +132,9 @@ def _plot(path: Path, runs: list[dict], target: float) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         ax.plot(r["xs"], r["ys"], "o-", label=f"{r['label']} ({r['preset']})")
+    if complete:
+        ax.plot([r["flops"] for r in complete], [r["final_val"] for r in complete], "k*", ms=10,
+                label="MoE, whole schedule per budget")
     ax.axhline(target, color="gray", ls="--", lw=0.8, label="dense final loss")
     ax.set(xlabel="training FLOPs", ylabel="validation loss (nats/token)",
            title="MoE vs dense at equal compute")

@@ -3,6 +3,13 @@
 Both runs share every TrainConfig field; the dense run's steps are scaled so that
 steps x FLOPs/token match (they are equal for `tiny` vs `dense`, whose active
 parameters match by construction).
+
+`budgets` (fractions of the steps, e.g. (0.5, 1.0)) adds MoE runs that stop early, each
+with its own complete warmup + cosine schedule. Reading "FLOPs to reach the dense
+loss" off the full run's curve compares an MoE point taken mid-schedule, at a high
+learning rate, with a dense loss taken after its schedule has annealed; the complete
+shorter runs are the fair measurement (the usual one in scaling studies), and the
+report gives both.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from moekit.training.run import model_config, train
 
 
 def compare(cfg: TrainConfig, out_dir: str | Path, moe_preset: str = "tiny",
-            dense_preset: str = "dense") -> dict:
+            dense_preset: str = "dense", budgets: tuple[float, ...] = (1.0,)) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     moe_dir, dense_dir = out_dir / moe_preset, out_dir / dense_preset
@@ -33,4 +40,11 @@ def compare(cfg: TrainConfig, out_dir: str | Path, moe_preset: str = "tiny",
     eval_every = max(1, round(cfg.eval_every * steps / cfg.steps))
     train(base.replace(preset=dense_preset, out_dir=str(dense_dir), steps=steps,
                        eval_every=eval_every, save_every=max(cfg.save_every, steps)))
-    return write_report(out_dir, moe_dir, dense_dir)
+    budget_dirs = {1.0: moe_dir}
+    for f in sorted(set(budgets) - {1.0}):
+        short = max(1, round(f * cfg.steps))
+        budget_dirs[f] = out_dir / f"{moe_preset}@{f:g}"
+        train(base.replace(preset=moe_preset, out_dir=str(budget_dirs[f]), steps=short,
+                           warmup=min(cfg.warmup, short), eval_every=min(cfg.eval_every, short),
+                           save_every=max(cfg.save_every, short)))
+    return write_report(out_dir, moe_dir, dense_dir, budget_dirs)

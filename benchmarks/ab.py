@@ -1,0 +1,101 @@
+"""One moekit layer with a switch off (A) and on (B), alternating in ONE process.
+
+    python benchmarks/ab.py --config many --mode fb --switch pool --rounds 10
+
+Each round times A then B, the next round B then A (ABBA), so drift in machine load
+and order effects hit both; it prints the median times and the median of the per-round
+ratios B/A (below 1: the switch helps). The layers are benchmarks/layer.py's moekit
+layers (fwd = inference forward under no_grad; fb = forward + backward, gradients set
+to None before each call, as a training loop with zero_grad(set_to_none=True) does).
+
+Switches (off -> on):
+  pool     ops/grad_pool.py (MOEKIT_GRAD_POOL=0 -> 1)
+  kernels  every C++ kernel of ops/ext.py (the torch references -> the kernels)
+  topk     the router top-k kernel only (torch.topk -> ops/topk.py)
+  swiglu   the fused SwiGLU only (torch ops -> ops/swiglu.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import layer as L  # noqa: E402  (benchmarks/layer.py: configs and the moekit layer)
+
+from moekit.moe.experts import grouped  # noqa: E402
+from moekit.ops import ext, topk  # noqa: E402
+
+_fused, _topk_applies = grouped._fused_swiglu, topk.applies
+
+
+def _pool(on: bool) -> None:
+    os.environ["MOEKIT_GRAD_POOL"] = "1" if on else "0"
+
+
+def _kernels(on: bool) -> None:
+    ext.available()  # build once, then toggle
+    ext._state["built"] = on
+
+
+def _topk(on: bool) -> None:
+    topk.applies = _topk_applies if on else (lambda *a: False)
+
+
+def _swiglu(on: bool) -> None:
+    grouped._fused_swiglu = _fused if on else (lambda *a: False)
+
+
+SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="many", choices=list(L.CONFIGS))
+    ap.add_argument("--mode", default="fb", choices=["fwd", "fb"])
+    ap.add_argument("--switch", default="pool", choices=list(SWITCHES))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    s = L.CONFIGS[a.config]
+    layer = L.MoekitLayer(s).layer
+    x = torch.randn(s.T // L.SEQ, L.SEQ, s.d)
+    dy = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+
+    def fb() -> None:
+        for p in layer.parameters():
+            p.grad = None
+        layer(xg).y.backward(dy)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    run, switch = (fb if a.mode == "fb" else fwd), SWITCHES[a.switch]
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for on in (False, True):  # warm-up of both settings
+        switch(on)
+        run()
+        run()
+    for i in range(a.rounds):
+        for on in ((False, True) if i % 2 == 0 else (True, False)):
+            switch(on)
+            t0 = time.perf_counter()
+            run()
+            times[on].append(time.perf_counter() - t0)
+    ratios = [b / o for o, b in zip(times[False], times[True], strict=True)]
+    print(f"{a.config} {a.mode} switch={a.switch}: A (off) {statistics.median(times[False]) * 1e3:.1f} ms, "
+          f"B (on) {statistics.median(times[True]) * 1e3:.1f} ms, B/A median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {a.rounds} rounds, threads {a.threads})")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,10 +18,17 @@ needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ co
 pytestmark = needs_kernel
 
 
+@pytest.fixture
+def small_topk(monkeypatch):
+    """The top-k kernel on every row count (it normally leaves fewer than MIN_ROWS rows to torch)."""
+    monkeypatch.setattr(topk, "MIN_ROWS", 1)
+
+
 def test_kernels_build_where_a_compiler_exists():
     """Otherwise the tests below would check the references against themselves."""
     assert ext.available()
-    assert topk.applies(torch.zeros(3, 8), 2) and swiglu.applies(torch.zeros(2, 4))
+    assert topk.applies(torch.zeros(topk.MIN_ROWS, 8), 2) and swiglu.applies(torch.zeros(2, 4))
+    assert not topk.applies(torch.zeros(topk.MIN_ROWS - 1, 8), 2)  # decode steps: torch.topk
 
 
 def _scores(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
@@ -40,7 +47,7 @@ def _scores(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["random", "ties", "nan", "inf"])
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (37, 8, 1), (64, 64, 8), (33, 128, 4), (5, 16, 16), (17, 3, 3)])
-def test_topk_kernel_matches_stable_sort(kind, T, E, k):
+def test_topk_kernel_matches_stable_sort(small_topk, kind, T, E, k):
     g = torch.Generator().manual_seed(T * E + k)
     x = _scores(kind, T, E, g)
     got = topk.topk_ids(x, k)
@@ -49,10 +56,11 @@ def test_topk_kernel_matches_stable_sort(kind, T, E, k):
 
 
 def test_topk_outside_the_kernel_is_torch_topk():
-    """k above KMAX, fp64 or a 3-D input: torch.topk, same ids on distinct scores."""
+    """k above KMAX, fp64, a 3-D input or few rows: torch.topk, same ids on distinct scores."""
     g = torch.Generator().manual_seed(0)
-    for x, k in [(torch.randn(9, 40, generator=g), 20), (torch.randn(9, 12, dtype=torch.float64, generator=g), 3),
-                 (torch.randn(2, 5, 12, generator=g), 3)]:
+    R = topk.MIN_ROWS
+    for x, k in [(torch.randn(R, 40, generator=g), 20), (torch.randn(R, 12, dtype=torch.float64, generator=g), 3),
+                 (torch.randn(2, R, 12, generator=g), 3), (torch.randn(R - 1, 12, generator=g), 3)]:
         assert not topk.applies(x, k)
         assert torch.equal(topk.topk_ids(x, k), torch.topk(x, k, dim=-1).indices)
 
@@ -62,7 +70,7 @@ def test_routers_use_the_kernel(monkeypatch):
     real = topk.topk_ids
     monkeypatch.setattr(topk, "topk_ids", lambda s, k: calls.append(k) or real(s, k))
     layer = MoELayer(MoEConfig(d_model=16, num_experts=8, top_k=3, d_ff=8))
-    layer(torch.randn(4, 16))
+    layer(torch.randn(topk.MIN_ROWS, 16))
     assert calls == [3] and router_base.topk is topk
 
 

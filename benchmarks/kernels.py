@@ -1,0 +1,91 @@
+"""moekit's C++ kernels (ops/topk.py, ops/swiglu.py) against the torch calls they replace,
+on the shapes of benchmarks/layer.py's configs, in one process.
+
+    python benchmarks/kernels.py [--threads 2]
+
+Each cell is the median of 50 calls on warm (cache-hot) operands, so it isolates the
+kernels; benchmarks/ab.py measures them inside the layer.
+  top-k   router scores (T, E), k ids per row: the kernel vs torch.topk
+  swiglu  one expert's m x F activations (routing weights applied): forward =
+          silu(g)·u·w, backward = dh, a·w and <u_bar, a> together; the kernel vs the
+          torch ops moekit ran before it (3 and 8 passes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from moekit.ops import ext, swiglu, topk
+
+
+def median_us(fn, n: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def bench_topk() -> None:
+    print(f"{'top-k (T, E, k)':24s}{'kernel us':>11s}{'torch us':>10s}{'speed-up':>10s}")
+    for T, E, k in [(8192, 128, 4), (4096, 64, 8), (4096, 8, 2), (2048, 8, 2), (1, 64, 8)]:
+        x = torch.randn(T, E)
+        a = median_us(lambda x=x, k=k: topk.topk_ids(x, k))
+        b = median_us(lambda x=x, k=k: torch.topk(x, k, dim=-1))
+        print(f"{str((T, E, k)):24s}{a:11.1f}{b:10.1f}{b / a:9.2f}x")
+
+
+def torch_swiglu_fwd(h, w, a, F):
+    s = torch.ops.aten.silu.out(h[:, :F], out=a)
+    torch.mul(s, h[:, F:], out=a)
+    a.mul_(w[:, None])
+
+
+def torch_swiglu_bwd(h, ub, w, dh, a, s, tmp, F):
+    torch.ops.aten.silu.out(h[:, :F], out=s)
+    torch.mul(s, h[:, F:], out=a)
+    torch.linalg.vecdot(ub, a)
+    a.mul_(w[:, None])
+    u = ub * w[:, None]
+    torch.mul(u, s, out=dh[:, F:])
+    torch.mul(u, h[:, F:], out=tmp)
+    torch.ops.aten.silu_backward.grad_input(tmp, h[:, :F], grad_input=dh[:, :F])
+
+
+def swiglu_row(m: int, F: int) -> str:
+    h, w, ub = torch.randn(m, 2 * F), torch.rand(m), torch.randn(m, F)
+    a, dh, s, tmp = torch.empty(m, F), torch.empty(m, 2 * F), torch.empty(m, F), torch.empty(m, F)
+    kf = median_us(lambda: swiglu.forward(h, w, a))
+    tf = median_us(lambda: torch_swiglu_fwd(h, w, a, F))
+    kb = median_us(lambda: swiglu.backward(h, ub, w, dh, a, True))
+    tb = median_us(lambda: torch_swiglu_bwd(h, ub, w, dh, a, s, tmp, F))
+    return f"{str((m, F)):24s}{kf:11.1f}{tf:10.1f}{kb:11.1f}{tb:10.1f}"
+
+
+def bench_swiglu() -> None:
+    print(f"\n{'swiglu (m, F)':24s}{'fwd kernel':>11s}{'fwd torch':>10s}{'bwd kernel':>11s}{'bwd torch':>10s}  (us)")
+    for m, F in [(512, 352), (256, 128), (544, 128), (1024, 2816)]:
+        print(swiglu_row(m, F))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if not ext.available():
+        raise SystemExit("the C++ kernels did not build here (see the warning above)")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32")
+    bench_topk()
+    bench_swiglu()
+
+
+if __name__ == "__main__":
+    main()

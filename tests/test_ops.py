@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.ops import sort as sort_ops
 from moekit.ops.sort import permute, sort_slots_by_expert, unpermute
 
 
@@ -49,7 +50,20 @@ def test_sort_slots_by_expert_hand_case():
     assert slot_idx.tolist() == [2, 1, 3, 0, 4]
 
 
-@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (9, 2, 4), (16, 3, 5)])
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (9, 2, 4), (16, 3, 5), (40, 4, 7)])
+def test_sort_slots_by_expert_host_path_equals_tensor_path(T, K, E, monkeypatch):
+    """Decode-sized inputs are sorted in Python (ops/sort.py HOST_MAX_SLOTS): same result."""
+    ids = torch.randint(-1, E, (T, K), generator=torch.Generator().manual_seed(T * K + E))
+    host = sort_slots_by_expert(ids, E) if T * K <= sort_ops.HOST_MAX_SLOTS else None
+    monkeypatch.setattr(sort_ops, "HOST_MAX_SLOTS", -1)
+    tensor = sort_slots_by_expert(ids, E)
+    monkeypatch.setattr(sort_ops, "HOST_MAX_SLOTS", 10**9)
+    host = sort_slots_by_expert(ids, E) if host is None else host
+    for a, b in zip(host, tensor, strict=True):
+        assert a.dtype == b.dtype == torch.int64 and a.tolist() == b.tolist()
+
+
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (9, 2, 4), (16, 3, 5), (40, 4, 7)])
 def test_sort_slots_by_expert_properties(T, K, E):
     ids = torch.randint(-1, E, (T, K))
     slot_idx, counts = sort_slots_by_expert(ids, E)

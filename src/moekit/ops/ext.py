@@ -11,6 +11,7 @@ lacks. A failed build warns once and leaves the references in charge.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def available() -> bool:
             try:
                 from torch.utils import cpp_extension
 
+                _say_if_building(cpp_extension)
                 cpp_extension.load(name="moekit_ext", sources=[str(s) for s in SOURCES],
                                    is_python_module=False,
                                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -37,6 +39,16 @@ def available() -> bool:
                 warnings.warn(f"moekit: the C++ kernels did not build ({type(e).__name__}: "
                               f"{str(e)[:200]}); using the torch references", stacklevel=3)
     return _state["built"]
+
+
+def _say_if_building(cpp_extension) -> None:
+    """One line on stderr when nothing is built yet, so a first run's pause is explained."""
+    try:
+        built = Path(cpp_extension._get_build_directory("moekit_ext", verbose=False), "moekit_ext.so")
+    except Exception:  # a private helper: if it moves, just say nothing
+        return
+    if not built.exists():
+        print("moekit: compiling its C++ kernels (first use on this machine, ~15 s)", file=sys.stderr, flush=True)
 
 
 def op(name: str):

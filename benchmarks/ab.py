@@ -13,6 +13,7 @@ Switches (off -> on):
   kernels  every C++ kernel of ops/ext.py (the torch references -> the kernels)
   topk     the router top-k kernel only (torch.topk -> ops/topk.py)
   swiglu   the fused SwiGLU only (torch ops -> ops/swiglu.py)
+  rows     the row scatter-add only (index_add_ -> ops/rows.py)
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import layer as L  # noqa: E402  (benchmarks/layer.py: configs and the moekit layer)
 
 from moekit.moe.experts import grouped  # noqa: E402
-from moekit.ops import ext, topk  # noqa: E402
+from moekit.ops import ext, rows, topk  # noqa: E402
 
-_fused, _topk_applies = grouped._fused_swiglu, topk.applies
+_fused, _topk_applies, _rows_applies = grouped._fused_swiglu, topk.applies, rows.applies
 
 
 def _pool(on: bool) -> None:
@@ -52,7 +53,11 @@ def _swiglu(on: bool) -> None:
     grouped._fused_swiglu = _fused if on else (lambda *a: False)
 
 
-SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu}
+def _rows(on: bool) -> None:
+    rows.applies = _rows_applies if on else (lambda *a: False)
+
+
+SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows}
 
 
 def main() -> None:

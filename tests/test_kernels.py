@@ -12,7 +12,7 @@ import torch
 from moekit import MoEConfig, MoELayer
 from moekit.moe.experts import grouped
 from moekit.moe.router import base as router_base
-from moekit.ops import ext, swiglu, topk
+from moekit.ops import ext, rows, swiglu, topk
 
 needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 pytestmark = needs_kernel
@@ -154,3 +154,19 @@ def test_fused_swiglu_bank_equals_torch_ops_bank(monkeypatch, shared):
         # fp32 sums in another order (router gradient: 300 tokens with cancellation):
         # relative to the tensor's scale
         assert (a - b).abs().max() <= 2e-5 * b.abs().max(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("T,D,idx", [(50, 130, [3, 3, 7, 49]), (8, 64, []), (300, 512, list(range(0, 300, 3)) * 2),
+                                     (5, 7, [4, 0, 4, 4])])
+def test_index_add_rows_matches_index_add(T, D, idx):
+    """Repeated rows included: the kernel splits columns between threads, not rows."""
+    g = torch.Generator().manual_seed(T + D)
+    y = torch.randn(T, D + 3, generator=g)[:, :D]  # rows contiguous, the tensor is not
+    idx = torch.tensor(idx, dtype=torch.int64)
+    src = torch.randn(len(idx), D, generator=g)
+    want = y.clone().index_add_(0, idx, src)
+    got = rows.index_add_(y, idx, src)
+    assert got is y and rows.applies(y, src)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # same adds in the same order per element
+    with pytest.raises(RuntimeError, match="out of range"):
+        rows.index_add_(y, torch.tensor([T]), src[:1] if len(src) else torch.zeros(1, D))

@@ -3,7 +3,7 @@
 torch.utils.cpp_extension compiles the sources into torch's extension cache (about
 15 s, once per machine and source version) and registers their ops under
 torch.ops.moekit. Every kernel has a torch reference beside it (ops/rowmv.py,
-ops/topk.py, ops/swiglu.py) that runs instead where the kernel cannot: no compiler,
+ops/topk.py, ops/swiglu.py, ops/rows.py) that runs instead where the kernel cannot: no compiler,
 MOEKIT_EXT=0, another dtype or device, or autograd needing a formula the kernel
 lacks. A failed build warns once and leaves the references in charge.
 """

@@ -20,7 +20,8 @@ is narrower) once, since out = (w·a) W_outᵀ. SwiGLU on CPU float32 runs in
 ops/swiglu.py's kernel: one pass forward (silu · up · weight) and one backward (dh, a·w
 and the routing-weight gradient together), against 3 and 8 passes of torch ops; the
 torch ops (_act_fwd/_act_grads) stay for other dtypes, devices and activations, and
-write both halves of dh straight into one buffer (no torch.cat).
+write both halves of dh straight into one buffer (no torch.cat). The scatter-adds of
+the output and of dx go through ops/rows.py (both threads; torch's index_add_ uses one).
 
 Per-expert GEMMs run through ops/gemm.py: on oneDNN (CPU, ~2.2x torch's MKL call on the
 reference machine) one expert per chunk with zero-padded rows, each product's fresh
@@ -37,6 +38,7 @@ from moekit.moe.experts import decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
 from moekit.moe.types import DispatchPlan
 from moekit.ops import gemm, grad_pool, swiglu
+from moekit.ops import rows as row_ops
 
 # bytes of the widest chunk buffer: small enough to keep a chunk's rows in L3 ...
 CHUNK_BYTES = 4 * 2**20
@@ -204,7 +206,7 @@ class _GroupedFFN(torch.autograd.Function):
             o_mD = _seg_mm(a_mF, w_out_EDF, segs, o_out, transpose=True)
             if Fh > D:
                 o_mD[:n].mul_(w_n1)
-            y_TD.index_add_(0, tok, o_mD[:n])
+            row_ops.index_add_(y_TD, tok, o_mD[:n])
             if keep_h:
                 hs.append(h_mN)
         # hs go through save_for_backward (not a ctx attribute) so autograd frees them
@@ -246,7 +248,7 @@ class _GroupedFFN(torch.autograd.Function):
             if need_x:
                 dx_out = None if pad > 1 else scratch.get("dy", n, x_TD.shape[1])  # dy is spent
                 dx_mD = _seg_mm(dh_mN, w_in_END, segs, dx_out, transpose=False)
-                dx_TD.index_add_(0, tok, dx_mD[:n])
+                row_ops.index_add_(dx_TD, tok, dx_mD[:n])
         for g, touched in ((dw_in, touched_in), (dw_out, touched_out)):
             if g is not None:  # experts that got no rows have zero gradient
                 for e in (e for e, hit in enumerate(touched) if not hit):

@@ -64,6 +64,6 @@ def reject_unknown_options(cfg: MoEConfig, allowed: tuple[str, ...]) -> None:
 
 
 def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores, largest first (ops/topk.py: on CPU float32 a
-    kernel 6-8x quicker than torch.topk that gives ties to the lower expert id)."""
+    """Indices of the k largest scores, largest first (ops/topk.py: on CPU float32, from
+    128 rows, a kernel 4-8x quicker than torch.topk that gives ties to the lower id)."""
     return topk.topk_ids(scores_TE, k)

@@ -22,36 +22,44 @@ from moekit.ops import ext
 
 
 def applies(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and ext.available()
+    """CPU float32 with contiguous rows, and the kernels built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
+               for t in tensors) and ext.available()
 
 
 def forward(h_mN: torch.Tensor, w_n: torch.Tensor | None, out_mF: torch.Tensor) -> torch.Tensor:
     """a = silu(g) · u, rows < n times w_n, written into out_mF (returned)."""
     w = h_mN.new_empty(0) if w_n is None else w_n.reshape(-1)
-    if applies(h_mN, w, out_mF) and h_mN.stride(1) == 1 and out_mF.stride(1) == 1:
-        ext.op("swiglu_fwd")(h_mN, w.contiguous(), out_mF)
-        return out_mF
+    if applies(h_mN, w, out_mF):
+        return kernel_forward(h_mN, w, out_mF)
     return out_mF.copy_(forward_reference(h_mN, w))
 
 
 def backward(h_mN: torch.Tensor, ub_mF: torch.Tensor, w_n: torch.Tensor, dh_mN: torch.Tensor,
              a_mF: torch.Tensor | None, need_dw: bool) -> torch.Tensor | None:
     """dh into dh_mN; a · w into a_mF when given; returns dw_n (or None)."""
-    n = w_n.numel()
-    dw_n = h_mN.new_empty(n) if need_dw else None
-    outs = [t for t in (dh_mN, a_mF, dw_n) if t is not None]
-    if applies(h_mN, ub_mF, w_n, *outs) and all(t.stride(-1) == 1 for t in (h_mN, ub_mF, dh_mN, *outs)):
-        empty = h_mN.new_empty(0)
-        ext.op("swiglu_bwd")(h_mN, ub_mF, w_n.contiguous(), dh_mN,
-                             empty if a_mF is None else a_mF, empty if dw_n is None else dw_n,
-                             a_mF is not None, need_dw)
-        return dw_n
+    if applies(h_mN, ub_mF, w_n, dh_mN, *([] if a_mF is None else [a_mF])):
+        return kernel_backward(h_mN, ub_mF, w_n, dh_mN, a_mF, need_dw)
     dh, a_w, dw = backward_reference(h_mN, ub_mF, w_n)
     dh_mN.copy_(dh)
     if a_mF is not None:
         a_mF.copy_(a_w)
-    if dw_n is not None:
-        dw_n.copy_(dw)
+    return dw.to(h_mN.dtype) if need_dw else None
+
+
+# The kernel alone, for callers that already checked `applies` (the expert bank, per chunk).
+def kernel_forward(h_mN: torch.Tensor, w_n: torch.Tensor | None, out_mF: torch.Tensor) -> torch.Tensor:
+    w = h_mN.new_empty(0) if w_n is None else w_n.reshape(-1).contiguous()
+    ext.op("swiglu_fwd")(h_mN, w, out_mF)
+    return out_mF
+
+
+def kernel_backward(h_mN, ub_mF, w_n, dh_mN, a_mF, need_dw: bool) -> torch.Tensor | None:
+    dw_n = h_mN.new_empty(w_n.numel()) if need_dw else None
+    empty = h_mN.new_empty(0)
+    ext.op("swiglu_bwd")(h_mN, ub_mF, w_n.reshape(-1).contiguous(), dh_mN,
+                         empty if a_mF is None else a_mF, empty if dw_n is None else dw_n,
+                         a_mF is not None, need_dw)
     return dw_n
 
 

@@ -138,8 +138,8 @@ def _act_fwd(act: Activation, h_mN: torch.Tensor, a_mF: torch.Tensor, w_n1: torc
              s_mF: torch.Tensor | None = None):
     """a = act(h) written into a_mF, its first len(w_n1) rows times w_n1 when given; for
     SwiGLU off the kernel also silu(gate) into s_mF when given."""
-    if _fused_swiglu(act, h_mN, a_mF) and s_mF is None:
-        return swiglu.forward(h_mN, w_n1, a_mF)
+    if s_mF is None and _fused_swiglu(act, h_mN, a_mF):
+        return swiglu.kernel_forward(h_mN, w_n1, a_mF)
     if act.name != "swiglu":
         a_mF.copy_(act.fwd(h_mN))
     else:
@@ -157,8 +157,8 @@ def _act_grads(act: Activation, h_mN, u_mF, w_n1, scratch: _Scratch, need_w: boo
     the n real rows (when need_w). Returns (dh_mN, aw_mF or None, dweights_n or None)."""
     (m, Fh), n, N = u_mF.shape, w_n1.shape[0], h_mN.shape[1]
     dh_mN, a_mF = scratch.get("dh", m, N), scratch.get("a", m, Fh)
-    if _fused_swiglu(act, h_mN, u_mF, w_n1, dh_mN):
-        dw_n = swiglu.backward(h_mN, u_mF, w_n1.reshape(-1), dh_mN, a_mF if need_a else None, need_w)
+    if _fused_swiglu(act, h_mN, u_mF, dh_mN, a_mF):
+        dw_n = swiglu.kernel_backward(h_mN, u_mF, w_n1, dh_mN, a_mF if need_a else None, need_w)
         return dh_mN, a_mF if need_a else None, dw_n
     s_mF = scratch.get("s", m, Fh) if act.name == "swiglu" else None
     a_mF = _act_fwd(act, h_mN, a_mF, s_mF=s_mF)  # recomputed, not saved

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.moe import decode_step
 from moekit.moe.balance import cv2_loss, router_z_loss, routing_stats, seq_aux_loss, switch_aux_loss
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import DISPATCHERS
-from moekit.moe.experts import ExpertBank, SharedExperts
+from moekit.moe.experts import ExpertBank, SharedExperts, decode
 from moekit.moe.experts.residual import ResidualMix
 from moekit.moe.router import build_router
 from moekit.moe.router.expert_dropout import drop_expert_slots
@@ -48,14 +49,19 @@ class MoELayer(nn.Module):
         x_TD = self._flatten(x)
         if getattr(self.router, "mixes_tokens", False):
             return self._soft_moe(x, x_TD, mask)
-        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.router(x_TD, token_ids_T)  # 1 route
-        plan = self.dispatch(self._expert_dropout(routing), self.cfg)  # 2 dispatch
-        y_TD = self._dense_paths(x_TD, self.experts(x_TD, plan))  # 3 experts + 4 combine (+ dense)
+        y_TD, routing, plan = decode_step.fused_layer(self, x_TD) or self._stages(x_TD, token_ids)
         losses = self._balance_losses(routing, tuple(x.shape[:-1]), mask)
         aux = sum((coef * losses[name] for name, coef in self._coefs() if coef > 0),
                   start=x_TD.new_zeros((), dtype=torch.float32))
         return MoEOutput(y_TD.view(x.shape), aux, losses, routing_stats(routing, plan))
+
+    def _stages(self, x_TD: torch.Tensor, token_ids: torch.Tensor | None):
+        """The data path stage by stage (a few tokens at inference take decode_step's
+        one-kernel version of the same, when it applies)."""
+        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
+        routing = self.router(x_TD, token_ids_T)  # 1 route
+        plan = self.dispatch(self._expert_dropout(routing), self.cfg)  # 2 dispatch
+        return self._experts_and_dense(x_TD, plan), routing, plan  # 3 experts + 4 combine (+ dense)
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         D = self.cfg.d_model
@@ -67,6 +73,15 @@ class MoELayer(nn.Module):
     def _expert_dropout(self, routing: Routing) -> Routing:
         p = self.cfg.expert_dropout
         return drop_expert_slots(routing, p) if self.training and p > 0 else routing
+
+    def _experts_and_dense(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        """A decode step of a SwiGLU layer on CPU runs experts, combine and shared experts
+        in one kernel (moe/experts/decode.py: fused_step); everything else goes stage by stage."""
+        if self.residual is None:
+            y_TD = decode.fused_step(x_TD, plan, self.experts, self.shared)
+            if y_TD is not None:
+                return y_TD
+        return self._dense_paths(x_TD, self.experts(x_TD, plan))
 
     def _dense_paths(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
         """PR-MoE residual mix (moe/experts/residual.py), then the shared experts."""

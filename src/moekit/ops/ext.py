@@ -10,6 +10,7 @@ lacks. A failed build warns once and leaves the references in charge.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -18,6 +19,9 @@ from pathlib import Path
 import torch
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+# torch rebuilds when a source or a flag changes, not a header: a hash of the headers
+# goes into the flags so that editing one rebuilds too
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _state: dict[str, bool] = {}  # "built": whether torch.ops.moekit holds the kernels
 
 
@@ -32,13 +36,18 @@ def available() -> bool:
                 _say_if_building(cpp_extension)
                 cpp_extension.load(name="moekit_ext", sources=[str(s) for s in SOURCES],
                                    is_python_module=False,
-                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                   extra_cflags=["-O3", "-march=native", "-fopenmp", _headers_flag()],
                                    extra_ldflags=["-fopenmp"])
                 _state["built"] = True
             except Exception as e:  # no compiler, no headers: the references still work
                 warnings.warn(f"moekit: the C++ kernels did not build ({type(e).__name__}: "
                               f"{str(e)[:200]}); using the torch references", stacklevel=3)
     return _state["built"]
+
+
+def _headers_flag() -> str:
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
+    return f"-DMOEKIT_HEADERS={digest}"
 
 
 def _say_if_building(cpp_extension) -> None:

@@ -7,6 +7,11 @@ arithmetic. Here both projections of all experts are one call each of the groupe
 row mat-vec (ops/rowmv.py), which reads only the experts that have rows.
 grouped_experts hands a call over when every expert has at most DECODE_MAX_ROWS rows
 and autograd needs nothing; the result equals the chunked path's (tests/test_decode.py).
+
+A whole SwiGLU layer step (routed experts, combine and the shared expert) goes further,
+into one kernel call: ops/csrc/decode_ffn.cpp, through `fused_step`, which MoELayer tries
+first and which returns None where the kernel does not apply; `fused_reference` is the
+unfused composition it must equal.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import torch
 
 from moekit.moe.experts.activations import Activation
 from moekit.moe.types import DispatchPlan
-from moekit.ops import rowmv
+from moekit.ops import ext, rowmv
 
 # rows per expert up to which the mat-vec kernel beats per-expert GEMMs: in a probe
 # over 1, 2, 4, 8, 16 rows of weights read from memory, it matched or beat oneDNN up to
 # 4 rows and fell behind from 8 (oneDNN's register blocking reuses each weight load)
 DECODE_MAX_ROWS = 4
+# tokens up to which fused_step takes a step: every weight row is then read once for up
+# to 8 rows (an expert has at most one row per token), 16 vector accumulators
+FUSED_MAX_TOKENS = 8
 
 
 def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
@@ -40,3 +48,51 @@ def decode_experts(x_TD: torch.Tensor, plan: DispatchPlan, counts: list[int], w_
     out_RD = rowmv.grouped_rows_linear(act.fwd(h_RN), w_out_EDF, offsets_E1)
     out_RD.mul_(plan.weights_R.to(out_RD.dtype).unsqueeze(1))
     return x_TD.new_zeros(x_TD.shape).index_add_(0, plan.token_idx_R, out_RD)
+
+
+def standard_modules(experts, shared) -> bool:
+    """moekit's own expert bank and shared FFN (an HF family may swap in its own kinds,
+    e.g. GPT-OSS's clamped SwiGLU with biases, which the kernels do not compute)."""
+    from moekit.moe.experts.bank import ExpertBank
+    from moekit.moe.experts.dense import SharedExperts
+
+    return type(experts) is ExpertBank and (shared is None or type(shared) is SharedExperts)
+
+
+def _no_grad_needed(*tensors: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def fused_step(x_TD: torch.Tensor, plan: DispatchPlan, experts, shared) -> torch.Tensor | None:
+    """Routed SwiGLU experts + combine + shared experts (moe/experts/dense.py, gate
+    included) in one kernel call for a decode step on CPU float32; None where it does not
+    apply (more than FUSED_MAX_TOKENS tokens, another
+    activation, dtype or device, the loop backend, a gradient needed, no build)."""
+    if not 0 < x_TD.shape[0] <= FUSED_MAX_TOKENS or not standard_modules(experts, shared):
+        return None
+    if experts.backend_name != "grouped":
+        return None
+    if experts.act.name != "swiglu" or x_TD.device.type != "cpu" or x_TD.dtype != torch.float32:
+        return None
+    s_in = s_out = s_gate = None
+    if shared is not None:
+        if shared.ffn.act.name != "swiglu":
+            return None
+        s_in, s_out = shared.ffn.w_in, shared.ffn.w_out
+        s_gate = None if shared.gate is None else shared.gate.weight.reshape(-1)
+    params = [p for p in (experts.w_in, experts.w_out, s_in, s_out, s_gate) if p is not None]
+    if any(p.dtype != torch.float32 for p in params) or plan.weights_R.dtype != torch.float32:
+        return None
+    if not _no_grad_needed(x_TD, plan.weights_R, *params):
+        return None
+    if not ext.available():
+        return None
+    return ext.op("moe_decode_swiglu")(x_TD.contiguous(), plan.token_idx_R.contiguous(),
+                                        plan.weights_R.contiguous(), plan.counts_E.to(torch.int64).contiguous(), experts.w_in,
+                                        experts.w_out, s_in, s_out, s_gate)
+
+
+def fused_reference(x_TD: torch.Tensor, plan: DispatchPlan, experts, shared) -> torch.Tensor:
+    """What fused_step computes, with the unfused modules."""
+    y_TD = experts(x_TD, plan)
+    return y_TD if shared is None else y_TD + shared(x_TD)

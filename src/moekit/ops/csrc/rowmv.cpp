@@ -14,25 +14,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
-// <w, a_i> for NR rows a_i at once: each weight vector is loaded once for all of them,
-// and 2·NR independent 16-wide partial sums keep the FMA units busy (one chain would
-// wait on its own latency); the compiler turns each inner j loop into vector FMAs.
-template <int NR>
-inline void dots(const float* __restrict w, const float* const* a, int64_t K, float* out, int64_t out_stride) {
-  float acc[NR][32] = {{0}};
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32)
-    for (int i = 0; i < NR; ++i)
-      for (int j = 0; j < 32; ++j) acc[i][j] += w[k + j] * a[i][k + j];
-  for (int i = 0; i < NR; ++i) {
-    float s = 0;
-    for (int j = 0; j < 32; ++j) s += acc[i][j];
-    for (int64_t kk = k; kk < K; ++kk) s += w[kk] * a[i][kk];
-    out[i * out_stride] = s;
-  }
-}
+using moekit::dots;  // vec_math.h
 
 // a_RK: rows sorted by expert; w_ENK: rows of each W[e] contiguous; offsets_E1 (E + 1,)
 // int64: the rows of expert e are [offsets[e], offsets[e + 1]). Experts without rows are

@@ -8,35 +8,19 @@
 // element of g, u and the incoming gradient is read once and each output written once.
 // Measured on the reference machine: see ops/swiglu.py.
 //
-// exp is a Cody-Waite range reduction and a degree-6 polynomial (relative error
-// ~2e-7, below fp32 rounding of the result), written so that the compiler vectorizes
-// the row loop; libm's expf would not vectorize without -ffast-math.
+// exp: vec_math.h's polynomial, which vectorizes with the row loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
+
+#include "vec_math.h"
 
 namespace {
 
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);  // NaN passes through both
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    // ln 2 = hi + lo
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  return p * std::bit_cast<float>(e);
-}
-
-inline float sigmoid(float g) { return 1.0f / (1.0f + exp_approx(-g)); }
+using moekit::sigmoid;
 
 int64_t grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)); }
 

@@ -1,0 +1,298 @@
+// One decode step of an MoE FFN: the routed SwiGLU experts, their weighted combine and
+// an optional shared SwiGLU expert (with its optional sigmoid gate), in two parallel
+// passes over the weights.
+//
+// Why: at decode (1-8 tokens) the layer is bound by reading the active experts' weights
+// once. As torch calls (gather, a grouped mat-vec, activation, scaling, another grouped
+// mat-vec, scatter-add, then the shared expert's two mat-vecs, activation and add) a step
+// pays ~12 calls' fixed costs and 5 fork/joins of the thread pool, and the shared expert
+// reads its weights in two more passes. Here:
+//   pass 1  every routed row and every token's shared row: a = silu(x·W_g) · (x·W_u) · s
+//           (s = routing weight, or the shared gate, or 1), the gate and up rows of W_in
+//           in the same work item so the activation needs no second pass;
+//   pass 2  the output's D columns split over the threads: each adds every expert's
+//           W_out rows for its columns to y, so no two threads write the same element.
+// Reference: moe/experts/decode.py's torch path (the chunked expert bank and the shared
+// FFN); tests/test_decode.py holds the parity tests.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace {
+
+constexpr int MAX_NR = 8;  // rows per dot-product batch (8 x 32 accumulators fit 16 zmm registers)
+
+// out[i] = <w, a[i]> for n <= MAX_NR rows
+inline void dots_n(int n, const float* w, const float* const* a, int64_t K, float* out) {
+  switch (n) {
+    case 1: moekit::dots<1>(w, a, K, out, 1); break;
+    case 2: moekit::dots<2>(w, a, K, out, 1); break;
+    case 3: moekit::dots<3>(w, a, K, out, 1); break;
+    case 4: moekit::dots<4>(w, a, K, out, 1); break;
+    case 5: moekit::dots<5>(w, a, K, out, 1); break;
+    case 6: moekit::dots<6>(w, a, K, out, 1); break;
+    case 7: moekit::dots<7>(w, a, K, out, 1); break;
+    default: moekit::dots<8>(w, a, K, out, 1); break;
+  }
+}
+
+// One FFN's rows: the routed rows of one expert, or every token for the shared expert.
+struct Group {
+  const float* w_in;   // (2F, D): gate rows, then up rows; rows w_in_stride apart
+  const float* w_out;  // (D, F); rows w_out_stride apart
+  int64_t w_in_stride, w_out_stride, F;
+  const int64_t* tok;  // token of each row
+  const float* scale;  // factor of each row's activation
+  int64_t n;           // rows
+  float* a;            // (n, F) activations
+};
+
+void check_weight(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.stride(-1) == 1,
+              "moe_decode_swiglu: ", name, " must be a CPU float32 tensor of ", dim, " dims with contiguous rows");
+}
+
+// pass 1 for the rows of g: a[:, f] for f in [f0, f1)
+void activations(const Group& g, const float* x, int64_t D, int64_t f0, int64_t f1) {
+  const float* rows[MAX_NR];
+  float gv[MAX_NR], uv[MAX_NR];
+  for (int64_t i0 = 0; i0 < g.n; i0 += MAX_NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, g.n - i0));
+    for (int i = 0; i < nr; ++i) rows[i] = x + g.tok[i0 + i] * D;
+    for (int64_t f = f0; f < f1; ++f) {
+      dots_n(nr, g.w_in + f * g.w_in_stride, rows, D, gv);
+      dots_n(nr, g.w_in + (g.F + f) * g.w_in_stride, rows, D, uv);
+      for (int i = 0; i < nr; ++i)
+        g.a[(i0 + i) * g.F + f] = gv[i] * moekit::sigmoid(gv[i]) * uv[i] * g.scale[i0 + i];
+    }
+  }
+}
+
+// pass 2 for the rows of g: y[tok, d] += <W_out[d], a> for d in [d0, d1)
+void combine(const Group& g, float* y, int64_t D, int64_t d0, int64_t d1) {
+  const float* rows[MAX_NR];
+  float out[MAX_NR];
+  for (int64_t i0 = 0; i0 < g.n; i0 += MAX_NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, g.n - i0));
+    for (int i = 0; i < nr; ++i) rows[i] = g.a + (i0 + i) * g.F;
+    for (int64_t d = d0; d < d1; ++d) {
+      dots_n(nr, g.w_out + d * g.w_out_stride, rows, g.F, out);
+      for (int i = 0; i < nr; ++i) y[g.tok[i0 + i] * D + d] += out[i];
+    }
+  }
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "moe_decode: x must be a contiguous CPU float32 (T, D) tensor");
+}
+
+// x (T, D); tok_R, weights_R: the routed rows sorted by expert, counts_E the rows of each
+// expert (in order); w_in (E, 2F, D), w_out (E, D, F);
+// s_in (2Fs, D), s_out (D, Fs), s_gate (D): the shared expert, all three optional.
+at::Tensor moe_decode_swiglu(const at::Tensor& x, const at::Tensor& tok_R, const at::Tensor& weights_R,
+                             const at::Tensor& counts_E, const at::Tensor& w_in, const at::Tensor& w_out,
+                             const std::optional<at::Tensor>& s_in, const std::optional<at::Tensor>& s_out,
+                             const std::optional<at::Tensor>& s_gate) {
+  check_x(x);
+  check_weight(w_in, "w_in", 3);
+  check_weight(w_out, "w_out", 3);
+  const int64_t T = x.size(0), D = x.size(1), E = w_in.size(0), F = w_out.size(2), R = tok_R.numel();
+  TORCH_CHECK(w_in.size(1) == 2 * F && w_in.size(2) == D && w_out.size(0) == E && w_out.size(1) == D,
+              "moe_decode_swiglu: w_in must be (E, 2F, D) and w_out (E, D, F); got ", w_in.sizes(), " and ", w_out.sizes());
+  TORCH_CHECK(tok_R.scalar_type() == at::kLong && tok_R.is_contiguous() && weights_R.scalar_type() == at::kFloat &&
+                  weights_R.is_contiguous() && weights_R.numel() == R,
+              "moe_decode_swiglu: tok_R must be contiguous int64 and weights_R contiguous float32 of the same length");
+  TORCH_CHECK(counts_E.scalar_type() == at::kLong && counts_E.is_contiguous() && counts_E.numel() == E,
+              "moe_decode_swiglu: counts must be contiguous int64 of length E = ", E);
+  std::vector<int64_t> o(E + 1, 0);  // rows of expert e: [o[e], o[e + 1])
+  const int64_t* c = counts_E.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(c[e] >= 0, "moe_decode_swiglu: counts must not be negative");
+    o[e + 1] = o[e] + c[e];
+  }
+  TORCH_CHECK(o[E] == R, "moe_decode_swiglu: counts sum to ", o[E], ", not R = ", R);
+  const int64_t* tok = tok_R.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(tok[r] >= 0 && tok[r] < T, "moe_decode_swiglu: token index out of range");
+  const bool shared = s_in.has_value() && s_in->defined();
+  TORCH_CHECK(shared == (s_out.has_value() && s_out->defined()), "moe_decode_swiglu: give both s_in and s_out, or neither");
+
+  const float* xp = x.data_ptr<float>();
+  at::Tensor a_R = at::empty({R, F}, x.options());
+  std::vector<Group> groups;
+  for (int64_t e = 0; e < E; ++e)
+    if (o[e + 1] > o[e])
+      groups.push_back({w_in.data_ptr<float>() + e * w_in.stride(0), w_out.data_ptr<float>() + e * w_out.stride(0),
+                        w_in.stride(1), w_out.stride(1), F, tok + o[e], weights_R.data_ptr<float>() + o[e],
+                        o[e + 1] - o[e], a_R.data_ptr<float>() + o[e] * F});
+  at::Tensor a_s, tok_s, scale_s;
+  if (shared) {
+    check_weight(*s_in, "s_in", 2);
+    check_weight(*s_out, "s_out", 2);
+    const int64_t Fs = s_out->size(1);
+    TORCH_CHECK(s_in->size(0) == 2 * Fs && s_in->size(1) == D && s_out->size(0) == D,
+                "moe_decode_swiglu: s_in must be (2Fs, D) and s_out (D, Fs); got ", s_in->sizes(), " and ", s_out->sizes());
+    a_s = at::empty({T, Fs}, x.options());
+    tok_s = at::arange(T, tok_R.options());
+    scale_s = at::ones({T}, x.options());
+    if (s_gate.has_value() && s_gate->defined()) {  // Qwen2-MoE: sigmoid(<g, x_t>) scales the shared expert
+      check_weight(*s_gate, "s_gate", 1);
+      TORCH_CHECK(s_gate->size(0) == D, "moe_decode_swiglu: s_gate must have D = ", D, " elements");
+      const float* gp = s_gate->data_ptr<float>();
+      float* sp = scale_s.data_ptr<float>();
+      for (int64_t t = 0; t < T; ++t) {
+        const float* row[1] = {xp + t * D};
+        moekit::dots<1>(gp, row, D, sp + t, 1);
+        sp[t] = moekit::sigmoid(sp[t]);
+      }
+    }
+    groups.push_back({s_in->data_ptr<float>(), s_out->data_ptr<float>(), s_in->stride(0), s_out->stride(0), Fs,
+                      tok_s.data_ptr<int64_t>(), scale_s.data_ptr<float>(), T, a_s.data_ptr<float>()});
+  }
+
+  // pass 1 work items: (group, block of f) with ~64 KiB of W_in rows each, enough items
+  // to share out evenly, few enough that scheduling costs nothing
+  const int64_t f_block = std::max<int64_t>(1, (64 * 1024) / (8 * std::max<int64_t>(1, D)));
+  std::vector<std::pair<int64_t, int64_t>> items;  // (group, f0)
+  for (size_t g = 0; g < groups.size(); ++g)
+    for (int64_t f0 = 0; f0 < groups[g].F; f0 += f_block) items.emplace_back(g, f0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Group& g = groups[items[i].first];
+      activations(g, xp, D, items[i].second, std::min(g.F, items[i].second + f_block));
+    }
+  });
+
+  // pass 2: blocks of output columns, each summing every group's W_out rows for them
+  at::Tensor y = at::zeros({T, D}, x.options());
+  float* yp = y.data_ptr<float>();
+  constexpr int64_t d_block = 16;
+  // (static split: each thread gets one contiguous range of columns, so it streams
+  // through one block of each W_out; handing out blocks dynamically measured no better)
+  at::parallel_for(0, (D + d_block - 1) / d_block, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t d0 = b0 * d_block, d1 = std::min(D, b1 * d_block);
+    for (const Group& g : groups) combine(g, yp, D, d0, d1);
+  });
+  return y;
+}
+
+// The whole layer step for the topk_softmax router with dropless dispatch (moe/router/
+// topk_softmax.py, ops/sort.py; moe/decode_step.py is the Python side and names the
+// staged path it must equal): fp32 logits x·Wᵀ (+ b) split over the threads by expert
+// rows; then, per token, softmax, the k largest logits (ties to the lower id, NaN first,
+// as ops/topk.py), the weights (softmax probabilities of the k, renormalised if asked,
+// or with `after` a softmax over the k logits, GPT-OSS); the slots sorted by (expert,
+// choice k, token) as sort_slots_by_expert; then moe_decode_swiglu. Returns y and every
+// tensor the Routing and DispatchPlan of the staged path hold.
+std::vector<at::Tensor> moe_decode_topk_softmax(
+    const at::Tensor& x, const at::Tensor& router_w, const std::optional<at::Tensor>& router_b, int64_t k,
+    bool after, bool normalize, const at::Tensor& w_in, const at::Tensor& w_out,
+    const std::optional<at::Tensor>& s_in, const std::optional<at::Tensor>& s_out,
+    const std::optional<at::Tensor>& s_gate) {
+  check_x(x);
+  check_weight(router_w, "router_w", 2);
+  const int64_t T = x.size(0), D = x.size(1), E = router_w.size(0);
+  TORCH_CHECK(router_w.size(1) == D, "moe_decode: router_w must be (E, D = ", D, "), got ", router_w.sizes());
+  TORCH_CHECK(k >= 1 && k <= E, "moe_decode: k must be in [1, E = ", E, "], got ", k);
+  const bool has_b = router_b.has_value() && router_b->defined();
+  if (has_b) {
+    check_weight(*router_b, "router_b", 1);
+    TORCH_CHECK(router_b->size(0) == E, "moe_decode: router_b must have E = ", E, " elements");
+  }
+  at::Tensor logits = at::empty({T, E}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = router_w.data_ptr<float>();
+  const float* bp = has_b ? router_b->data_ptr<float>() : nullptr;
+  float* lp = logits.data_ptr<float>();
+  const int64_t sw = router_w.stride(0);
+  constexpr int64_t e_block = 8;
+  at::parallel_for(0, (E + e_block - 1) / e_block, 1, [&](int64_t b0, int64_t b1) {
+    const float* rows[MAX_NR];
+    float out[MAX_NR];
+    for (int64_t t0 = 0; t0 < T; t0 += MAX_NR) {
+      const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, T - t0));
+      for (int i = 0; i < nr; ++i) rows[i] = xp + (t0 + i) * D;
+      for (int64_t e = b0 * e_block; e < std::min(E, b1 * e_block); ++e) {
+        dots_n(nr, wp + e * sw, rows, D, out);
+        for (int i = 0; i < nr; ++i) lp[(t0 + i) * E + e] = out[i] + (has_b ? bp[e] : 0.0f);
+      }
+    }
+  });
+
+  at::Tensor probs = at::empty({T, E}, x.options());
+  at::Tensor ids = at::empty({T, k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({T, k}, x.options());
+  float* pp = probs.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* wtp = weights.data_ptr<float>();
+  std::vector<int64_t> order(E);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = lp + t * E;
+    float* p = pp + t * E;
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    // the k largest, largest first; NaN above everything, ties to the lower id
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    auto above = [l](int64_t a, int64_t b) {
+      const bool na = std::isnan(l[a]), nb = std::isnan(l[b]);
+      if (na != nb) return na;
+      if (!na && l[a] != l[b]) return l[a] > l[b];
+      return a < b;
+    };
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), above);
+    float wsum = 0.0f, lmax = l[order[0]];
+    for (int64_t j = 0; j < k; ++j) {
+      ip[t * k + j] = order[j];
+      wtp[t * k + j] = after ? std::exp(l[order[j]] - lmax) : p[order[j]];
+      wsum += wtp[t * k + j];
+    }
+    if (after || normalize)
+      for (int64_t j = 0; j < k; ++j) wtp[t * k + j] /= wsum;
+  }
+
+  // dropless dispatch: slots t*k + j by (expert, j, t)
+  const int64_t R = T * k;
+  at::Tensor counts = at::zeros({E}, ids.options());
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) ++cp[ip[r]];
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + cp[e - 1];
+  at::Tensor slot_idx = at::empty({R}, ids.options());
+  at::Tensor tok = at::empty({R}, ids.options());
+  at::Tensor weights_R = at::empty({R}, x.options());
+  int64_t* sp = slot_idx.data_ptr<int64_t>();
+  int64_t* tp = tok.data_ptr<int64_t>();
+  float* wrp = weights_R.data_ptr<float>();
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = next[ip[t * k + j]]++;
+      sp[r] = t * k + j;
+      tp[r] = t;
+      wrp[r] = wtp[t * k + j];
+    }
+  at::Tensor y = moe_decode_swiglu(x, tok, weights_R, counts, w_in, w_out, s_in, s_out, s_gate);
+  return {y, logits, probs, ids, weights, tok, slot_idx, weights_R, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moekit, m) {
+  m.def("moe_decode_topk_softmax(Tensor x, Tensor router_w, Tensor? router_b, int k, bool after, "
+        "bool normalize, Tensor w_in, Tensor w_out, Tensor? s_in, Tensor? s_out, Tensor? s_gate) -> Tensor[]");
+  m.def("moe_decode_swiglu(Tensor x, Tensor tok_R, Tensor weights_R, Tensor counts_E, Tensor w_in, "
+        "Tensor w_out, Tensor? s_in, Tensor? s_out, Tensor? s_gate) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(moekit, CPU, m) {
+  m.impl("moe_decode_swiglu", moe_decode_swiglu);
+  m.impl("moe_decode_topk_softmax", moe_decode_topk_softmax);
+}

@@ -1,0 +1,50 @@
+// Inline helpers shared by several kernels in this folder (ops/ext.py folds a hash of
+// every header into the build flags, so editing one rebuilds the extension).
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+
+namespace moekit {
+
+// exp as a Cody-Waite range reduction and a degree-6 polynomial (relative error ~2e-7,
+// below fp32 rounding of the result), written so that the compiler vectorizes loops
+// around it; libm's expf would not vectorize without -ffast-math.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);  // NaN passes through both
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    // ln 2 = hi + lo
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  return p * std::bit_cast<float>(e);
+}
+
+inline float sigmoid(float g) { return 1.0f / (1.0f + exp_approx(-g)); }
+
+// <w, a_i> for NR rows a_i at once, written to out[i * out_stride]: each weight vector is
+// loaded once for all of them, and 2·NR independent 16-wide partial sums keep the FMA
+// units busy (one chain would wait on its own latency); the compiler turns each inner j
+// loop into vector FMAs.
+template <int NR>
+inline void dots(const float* __restrict w, const float* const* a, int64_t K, float* out, int64_t out_stride) {
+  float acc[NR][32] = {{0}};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < 32; ++j) acc[i][j] += w[k + j] * a[i][k + j];
+  for (int i = 0; i < NR; ++i) {
+    float s = 0;
+    for (int j = 0; j < 32; ++j) s += acc[i][j];
+    for (int64_t kk = k; kk < K; ++kk) s += w[kk] * a[i][kk];
+    out[i * out_stride] = s;
+  }
+}
+
+}  // namespace moekit

@@ -1,19 +1,21 @@
-"""Where a decode step of moekit's layer spends its time: router, dispatch, routed
-experts, shared expert, and the whole layer, for one token.
+"""Where a decode step of moekit's layer spends its time, for one token: the whole layer
+(one kernel call: moe/decode_step.py), the same stage by stage (router, dispatch, then
+experts + shared expert in one kernel: moe/experts/decode.py fused_step), each stage
+alone, the experts through the unfused modules, and a plain sum() over the weights the
+step reads.
 
-    python benchmarks/decode_parts.py [--config fine|coarse] [--rounds 30]
+    python benchmarks/decode_parts.py [--config fine|coarse] [--rounds 60]
 
-As in benchmarks/layer.py's decode timing, every timed call follows, untimed, a whole
-step of a second layer of the same shape with other weights (a model's other layer),
-so code is warm and the timed layer's weights are out of cache. Medians in µs.
+Harness of benchmarks/layer.py's decode timing: every timed call follows, untimed, the
+same call on a second layer of the same shape with other weights (a model's other
+layer), so code is warm and the timed layer's weights are out of cache; the order of
+the parts rotates each round. Medians in µs.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,35 +23,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import layer as L  # noqa: E402
 
+from moekit.moe.experts import decode  # noqa: E402
+
+
+def parts_of(lay, x):
+    """name -> call, for one layer and input (the plan is computed once, outside)."""
+    routing = lay.router(x)
+    plan = lay.dispatch(routing, lay.cfg)
+    return {"whole layer": lambda: lay(x), "stages": lambda: lay._stages(x, None), "router": lambda: lay.router(x),
+            "dispatch": lambda: lay.dispatch(routing, lay.cfg),
+            "experts, fused_step": lambda: decode.fused_step(x, plan, lay.experts, lay.shared),
+            "experts, unfused": lambda: decode.fused_reference(x, plan, lay.experts, lay.shared)}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="fine", choices=["coarse", "fine"])
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     s = L.CONFIGS[a.config]
-    lay = L.build_all(s, ["none"])["moekit"].layer.eval()
-    other = L.build_all(s, ["none"], seed=1)["moekit"].layer.eval()
+    ref, other_ref = L.build_all(s, ["none"])["moekit"], L.build_all(s, ["none"], seed=1)["moekit"]
+    lay, other = ref.layer.eval(), other_ref.layer.eval()
     x = torch.randn(1, s.d)
     with torch.no_grad():
-        routing = lay.router(x)
-        plan = lay.dispatch(routing, lay.cfg)
-        parts = {"whole layer": lambda: lay(x), "router": lambda: lay.router(x),
-                 "dispatch": lambda: lay.dispatch(routing, lay.cfg), "routed experts": lambda: lay.experts(x, plan)}
-        if lay.shared is not None:
-            parts["shared expert"] = lambda: lay.shared(x)
-        times: dict[str, list[float]] = {k: [] for k in parts}
-        for _ in range(a.rounds):
-            for k, f in parts.items():
-                other(x)
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    print(f"{a.config}, T = 1, threads {a.threads}, median of {a.rounds}")
-    for k, v in times.items():
-        print(f"{k:16s}{statistics.median(v) * 1e6:8.0f} us")
+        parts, other_parts = parts_of(lay, x), parts_of(other, x)
+        read, _, nbytes = L.active_weight_reader(ref, x)
+        parts["weight read"] = read
+        other_parts["weight read"] = L.active_weight_reader(other_ref, x)[0]
+        res = L.interleaved(parts, a.rounds, before=other_parts)
+    print(f"{a.config}, T = 1, threads {a.threads}, median of {a.rounds} rounds; "
+          f"weight read = {nbytes / 2**20:.1f} MiB")
+    for k, v in res.items():
+        print(f"{k:24s}{v * 1e6:8.0f} us")
+    print(f"whole layer / weight read = {res['whole layer'] / res['weight read']:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ their outputs must match moekit's: the "check" line prints the max difference.
 Inputs are (B, S, D) with S = 1024 (T = B·S); routers are initialised with std 1/√d so that
 random inputs route about evenly.
 
-Timing: one warm-up call of everything, then ROUNDS interleaved rounds (A B C A B C ...);
-each cell is the median over rounds. "fwd" is an inference forward under torch.no_grad();
+Timing: one warm-up call of everything, then ROUNDS interleaved rounds (A B C, B C A, ...:
+the order rotates, as what ran just before a call changes its time); each cell is the
+median over rounds. "fwd" is an inference forward under torch.no_grad();
 "fwd+bwd" is a training forward plus backward of a fixed random dy (parameter gradients
 are set to None before each call, so every call allocates them the same way).
 ratio = throughput / the limit's throughput in the same mode (the limit = the faster of dense
@@ -283,13 +284,19 @@ def make_step(m: nn.Module, x: torch.Tensor, dy: torch.Tensor | None):
 
 def interleaved(steps: dict[str, callable], rounds: int,
                 before: dict[str, callable] | None = None) -> dict[str, float]:
-    """Median seconds per step over `rounds` interleaved rounds, after one warm-up each;
-    before[name], if given, runs untimed right before each timed call of steps[name]."""
+    """Median seconds per step over `rounds` interleaved rounds (order rotating), after one
+    warm-up each; before[name], if given, runs untimed right before each timed call of
+    steps[name]."""
     for f in steps.values():
         f()
     times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(rounds):
-        for n, f in steps.items():
+    names = list(steps)
+    for i in range(rounds):
+        # the order rotates each round: what ran just before a call changes its time
+        # (measured: a decode step after a plain sum() over other weights took 1.4x as
+        # long as after a moekit kernel call), so no implementation keeps one neighbour
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            f = steps[n]
             if before is not None:
                 before[n]()
             t0 = CLOCK()

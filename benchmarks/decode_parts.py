@@ -4,7 +4,7 @@ experts + shared expert in one kernel: moe/experts/decode.py fused_step), each s
 alone, the experts through the unfused modules, and a plain sum() over the weights the
 step reads.
 
-    python benchmarks/decode_parts.py [--config fine|coarse] [--rounds 60]
+    python benchmarks/decode_parts.py [--config fine|coarse] [--tokens 1] [--rounds 60]
 
 Harness of benchmarks/layer.py's decode timing: every timed call follows, untimed, the
 same call on a second layer of the same shape with other weights (a model's other
@@ -39,6 +39,7 @@ def parts_of(lay, x):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="fine", choices=["coarse", "fine"])
+    ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -46,14 +47,14 @@ def main() -> None:
     s = L.CONFIGS[a.config]
     ref, other_ref = L.build_all(s, ["none"])["moekit"], L.build_all(s, ["none"], seed=1)["moekit"]
     lay, other = ref.layer.eval(), other_ref.layer.eval()
-    x = torch.randn(1, s.d)
+    x = torch.randn(a.tokens, s.d)
     with torch.no_grad():
         parts, other_parts = parts_of(lay, x), parts_of(other, x)
         read, _, nbytes = L.active_weight_reader(ref, x)
         parts["weight read"] = read
         other_parts["weight read"] = L.active_weight_reader(other_ref, x)[0]
         res = L.interleaved(parts, a.rounds, before=other_parts)
-    print(f"{a.config}, T = 1, threads {a.threads}, median of {a.rounds} rounds; "
+    print(f"{a.config}, T = {a.tokens}, threads {a.threads}, median of {a.rounds} rounds; "
           f"weight read = {nbytes / 2**20:.1f} MiB")
     for k, v in res.items():
         print(f"{k:24s}{v * 1e6:8.0f} us")

@@ -422,8 +422,10 @@ def bench_decode(rounds: int, only: list[str] | None) -> None:
     print(f"{'config':7s} {'T':>2s} {'impl':22s} {'ms':>8s} {'ratio':>6s}")
     for name in ("coarse", "fine"):
         s = CONFIGS[name]
-        mods = build_all(s, only)
-        others = build_all(s, only, seed=1)  # a second layer of each kind: see the docstring
+        # eval mode, as inference runs (moekit's one-kernel decode step, moe/decode_step.py,
+        # would also run in training mode here: no jitter, no expert dropout)
+        mods = {n: m.eval() for n, m in build_all(s, only).items()}
+        others = {n: m.eval() for n, m in build_all(s, only, seed=1).items()}  # a second layer of each kind: see the docstring
         for T in (1, 8):
             x = torch.randn(1, T, s.d)
             read, n_used, nbytes = active_weight_reader(mods["moekit"], x.reshape(T, s.d))

@@ -82,7 +82,7 @@ def test_decode_branch_matches_chunked_path_and_oracle(monkeypatch, expert, T):
     real = decode.decode_experts
     monkeypatch.setattr(decode, "decode_experts", lambda *a: taken.append(1) or real(*a))
     monkeypatch.setattr(decode, "fused_step", lambda *a: None)  # the fused kernels: tested below
-    monkeypatch.setattr(decode_step, "_takes", lambda *a: False)
+    monkeypatch.setattr(decode_step, "_kernel_args", lambda *a: None)
     with torch.no_grad():
         y_decode = fast(x).y
         with gemm.backend("torch"):
@@ -147,7 +147,7 @@ def _fused_layer(num_shared: int, gate: bool, top_k: int = 2, **kw) -> MoELayer:
 def _spy_fused(monkeypatch) -> list:
     """Records whether fused_step ran its kernel (returned a tensor) on each call; the
     whole-layer step (decode_step, which would take these layers first) is off."""
-    monkeypatch.setattr(decode_step, "_takes", lambda *a: False)
+    monkeypatch.setattr(decode_step, "_kernel_args", lambda *a: None)
     taken = []
     real = decode.fused_step
     monkeypatch.setattr(decode, "fused_step", lambda *a: taken.append((y := real(*a)) is not None) or y)
@@ -266,7 +266,7 @@ def test_layer_forward_takes_the_whole_step_and_reports_the_same(monkeypatch):
     x = torch.randn(2, 3, 48)
     with torch.no_grad():
         fast = layer(x)
-        monkeypatch.setattr(decode_step, "_takes", lambda *a: False)
+        monkeypatch.setattr(decode_step, "_kernel_args", lambda *a: None)
         slow = layer(x)
     assert taken == [True, False]
     torch.testing.assert_close(fast.y, slow.y, **F32)
@@ -281,7 +281,10 @@ def test_whole_layer_step_declines_what_it_does_not_cover():
     layer = _fused_layer(1, False)
     with torch.no_grad():
         assert decode_step.fused_layer(layer, x) is not None
-        assert decode_step.fused_layer(layer.train(), x) is None  # training: jitter, dropout, grads
+        assert decode_step.fused_layer(layer.train(), x) is not None  # no random draws: the same step
+        assert decode_step.fused_layer(_fused_layer(1, False, jitter_eps=0.1).train(), x) is None
+        assert decode_step.fused_layer(_fused_layer(1, False, expert_dropout=0.1).train(), x) is None
+        assert decode_step.fused_layer(_fused_layer(1, False, jitter_eps=0.1).eval(), x) is not None
         layer.eval()
         assert decode_step.fused_layer(layer, torch.randn(decode.FUSED_MAX_TOKENS + 1, 48)) is None
         for kw in (dict(router="topk_sigmoid"), dict(dispatch="capacity"), dict(expert="gelu"),

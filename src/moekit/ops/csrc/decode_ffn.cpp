@@ -60,17 +60,25 @@ void check_weight(const at::Tensor& t, const char* name, int64_t dim) {
 }
 
 // pass 1 for the rows of g: a[:, f] for f in [f0, f1)
+constexpr int64_t MAX_F_BLOCK = 64;  // gate/up rows per pass-1 item, at most
+
+// pass 1 for the rows of g: a[:, f] for f in [f0, f1), f1 - f0 <= MAX_F_BLOCK. The gate
+// rows of the block are read first, then the up rows: two sequential runs of memory
+// rather than hops between two regions every row (measured, the layer's decode step
+// against alternating rows: 0.93-0.99 of the time; pass 1 alone had run 13% slower than
+// a sum() over the same W_in rows)
 void activations(const Group& g, const float* x, int64_t D, int64_t f0, int64_t f1) {
   const float* rows[MAX_NR];
-  float gv[MAX_NR], uv[MAX_NR];
+  float gv[MAX_F_BLOCK][MAX_NR], uv[MAX_NR];
   for (int64_t i0 = 0; i0 < g.n; i0 += MAX_NR) {
     const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, g.n - i0));
     for (int i = 0; i < nr; ++i) rows[i] = x + g.tok[i0 + i] * D;
+    for (int64_t f = f0; f < f1; ++f) dots_n(nr, g.w_in + f * g.w_in_stride, rows, D, gv[f - f0]);
     for (int64_t f = f0; f < f1; ++f) {
-      dots_n(nr, g.w_in + f * g.w_in_stride, rows, D, gv);
       dots_n(nr, g.w_in + (g.F + f) * g.w_in_stride, rows, D, uv);
+      const float* gf = gv[f - f0];
       for (int i = 0; i < nr; ++i)
-        g.a[(i0 + i) * g.F + f] = gv[i] * moekit::sigmoid(gv[i]) * uv[i] * g.scale[i0 + i];
+        g.a[(i0 + i) * g.F + f] = gf[i] * moekit::sigmoid(gf[i]) * uv[i] * g.scale[i0 + i];
     }
   }
 }
@@ -157,9 +165,11 @@ at::Tensor moe_decode_swiglu(const at::Tensor& x, const at::Tensor& tok_R, const
                       tok_s.data_ptr<int64_t>(), scale_s.data_ptr<float>(), T, a_s.data_ptr<float>()});
   }
 
-  // pass 1 work items: (group, block of f) with ~64 KiB of W_in rows each, enough items
-  // to share out evenly, few enough that scheduling costs nothing
-  const int64_t f_block = std::max<int64_t>(1, (64 * 1024) / (8 * std::max<int64_t>(1, D)));
+  // pass 1 work items: (group, block of f) with ~512 KiB of W_in rows each (two runs of
+  // 256 KiB: gate rows, up rows), still several per expert to share out. Against 64 KiB
+  // items, in one process with the order alternating (as benchmarks/layer.py's decode
+  // harness): the layer's decode step 0.93-0.97 of the time, fine and coarse, T = 1
+  const int64_t f_block = std::clamp<int64_t>((512 * 1024) / (8 * std::max<int64_t>(1, D)), 1, MAX_F_BLOCK);
   std::vector<std::pair<int64_t, int64_t>> items;  // (group, f0)
   for (size_t g = 0; g < groups.size(); ++g)
     for (int64_t f0 = 0; f0 < groups[g].F; f0 += f_block) items.emplace_back(g, f0);

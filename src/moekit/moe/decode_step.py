@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.moe.experts.decode import FUSED_MAX_TOKENS, standard_modules
+from moekit.moe.experts.decode import kernel_weights
 from moekit.moe.router.topk_softmax import TopKSoftmaxRouter
 from moekit.moe.types import DispatchPlan, Routing
 from moekit.ops import ext
@@ -28,30 +28,20 @@ from moekit.ops import ext
 def _kernel_args(layer, x_TD: torch.Tensor) -> tuple | None:
     """The kernel's arguments when it applies, else None. Kept to a few attribute reads:
     at decode the caches are cold and walking layer.parameters() alone cost ~35 µs."""
-    cfg, r, ex, sh = layer.cfg, layer.router, layer.experts, layer.shared
-    if not 0 < x_TD.shape[0] <= FUSED_MAX_TOKENS or x_TD.dtype != torch.float32 or x_TD.device.type != "cpu":
-        return None
-    if type(r) is not TopKSoftmaxRouter or not standard_modules(ex, sh) or layer.residual is not None:
-        return None
-    if cfg.dispatch != "dropless" or ex.backend_name != "grouped" or ex.act.name != "swiglu":
+    cfg, r = layer.cfg, layer.router
+    if type(r) is not TopKSoftmaxRouter or cfg.dispatch != "dropless" or layer.residual is not None:
         return None
     if layer.training and (cfg.jitter_eps > 0 or cfg.expert_dropout > 0):  # random draws: stages
         return None
-    s_in = s_out = s_gate = None
-    if sh is not None:
-        if sh.ffn.act.name != "swiglu":
-            return None
-        s_in, s_out = sh.ffn.w_in, sh.ffn.w_out
-        s_gate = None if sh.gate is None else sh.gate.weight.reshape(-1)
-    weights = [w for w in (r.weight, r.bias, ex.w_in, ex.w_out, s_in, s_out, s_gate) if w is not None]
-    if any(w.dtype != torch.float32 for w in weights):
+    ffn = kernel_weights(x_TD, layer.experts, layer.shared)
+    if ffn is None or r.weight.dtype != torch.float32 or (r.bias is not None and r.bias.dtype != torch.float32):
         return None
+    weights = [w for w in (r.weight, r.bias, *ffn) if w is not None]
     if torch.is_grad_enabled() and (x_TD.requires_grad or any(w.requires_grad for w in weights)):
         return None
     if not ext.available():
         return None
-    return (x_TD.contiguous(), r.weight, r.bias, cfg.top_k, cfg.softmax_order == "after", cfg.normalize_topk,
-            ex.w_in, ex.w_out, s_in, s_out, s_gate)
+    return (x_TD.contiguous(), r.weight, r.bias, cfg.top_k, cfg.softmax_order == "after", cfg.normalize_topk, *ffn)
 
 
 def fused_layer(layer, x_TD: torch.Tensor) -> tuple[torch.Tensor, Routing, DispatchPlan] | None:

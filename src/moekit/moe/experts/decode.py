@@ -63,33 +63,35 @@ def _no_grad_needed(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
-def fused_step(x_TD: torch.Tensor, plan: DispatchPlan, experts, shared) -> torch.Tensor | None:
-    """Routed SwiGLU experts + combine + shared experts (moe/experts/dense.py, gate
-    included) in one kernel call for a decode step on CPU float32; None where it does not
-    apply (more than FUSED_MAX_TOKENS tokens, another
-    activation, dtype or device, the loop backend, a gradient needed, no build)."""
-    if not 0 < x_TD.shape[0] <= FUSED_MAX_TOKENS or not standard_modules(experts, shared):
+def kernel_weights(x_TD: torch.Tensor, experts, shared) -> list | None:
+    """[w_in, w_out, s_in, s_out, s_gate] (the shared ones None without a shared FFN) when
+    the decode kernels (ops/csrc/decode_ffn.cpp) can take this input and these modules:
+    1..FUSED_MAX_TOKENS tokens, CPU float32, moekit's grouped SwiGLU bank and shared FFN."""
+    if not 0 < x_TD.shape[0] <= FUSED_MAX_TOKENS or x_TD.device.type != "cpu" or x_TD.dtype != torch.float32:
         return None
-    if experts.backend_name != "grouped":
+    if not standard_modules(experts, shared) or experts.backend_name != "grouped" or experts.act.name != "swiglu":
         return None
-    if experts.act.name != "swiglu" or x_TD.device.type != "cpu" or x_TD.dtype != torch.float32:
-        return None
-    s_in = s_out = s_gate = None
+    weights = [experts.w_in, experts.w_out, None, None, None]
     if shared is not None:
         if shared.ffn.act.name != "swiglu":
             return None
-        s_in, s_out = shared.ffn.w_in, shared.ffn.w_out
-        s_gate = None if shared.gate is None else shared.gate.weight.reshape(-1)
-    params = [p for p in (experts.w_in, experts.w_out, s_in, s_out, s_gate) if p is not None]
-    if any(p.dtype != torch.float32 for p in params) or plan.weights_R.dtype != torch.float32:
+        weights[2:] = shared.ffn.w_in, shared.ffn.w_out, None if shared.gate is None else shared.gate.weight.reshape(-1)
+    if any(w is not None and w.dtype != torch.float32 for w in weights):
         return None
-    if not _no_grad_needed(x_TD, plan.weights_R, *params):
+    return weights
+
+
+def fused_step(x_TD: torch.Tensor, plan: DispatchPlan, experts, shared) -> torch.Tensor | None:
+    """Routed SwiGLU experts + combine + shared experts (moe/experts/dense.py, gate
+    included) in one kernel call for a decode step on CPU float32; None where it does not
+    apply (see kernel_weights; also a gradient needed, or no build)."""
+    weights = kernel_weights(x_TD, experts, shared)
+    if weights is None or plan.weights_R.dtype != torch.float32:
         return None
-    if not ext.available():
+    if not _no_grad_needed(x_TD, plan.weights_R, *(w for w in weights if w is not None)) or not ext.available():
         return None
-    return ext.op("moe_decode_swiglu")(x_TD.contiguous(), plan.token_idx_R.contiguous(),
-                                        plan.weights_R.contiguous(), plan.counts_E.to(torch.int64).contiguous(), experts.w_in,
-                                        experts.w_out, s_in, s_out, s_gate)
+    return ext.op("moe_decode_swiglu")(x_TD.contiguous(), plan.token_idx_R.contiguous(), plan.weights_R.contiguous(),
+                                        plan.counts_E.to(torch.int64).contiguous(), *weights)
 
 
 def fused_reference(x_TD: torch.Tensor, plan: DispatchPlan, experts, shared) -> torch.Tensor:

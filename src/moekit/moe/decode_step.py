@@ -12,7 +12,8 @@ with dropless dispatch and SwiGLU experts on the grouped backend, at inference (
 gradient; in training mode only without jitter and expert dropout, the random draws),
 CPU float32, up to FUSED_MAX_TOKENS tokens; `fused_layer` returns
 None elsewhere and the layer runs stage by stage, which is the reference:
-tests/test_decode.py checks y, the Routing and the DispatchPlan against it.
+tests/test_decode.py checks y, the Routing and the DispatchPlan against it. The router,
+dispatcher and expert modules are not called on this path, so hooks on them do not fire.
 """
 
 from __future__ import annotations

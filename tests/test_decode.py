@@ -256,6 +256,31 @@ def test_whole_layer_step_matches_the_stages(order, normalize, shared, gate, T, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2), (2, 1)])
+@pytest.mark.parametrize("normalize,scale", [(True, 2.5), (False, 1.0)])
+@pytest.mark.parametrize("T,top_k", [(1, 2), (4, 3), (8, 1)])
+def test_whole_layer_step_matches_the_stages_sigmoid(n_group, topk_group, normalize, scale, T, top_k):
+    """The DeepSeek-V3 router in the one-kernel step: sigmoid scores, a selection bias that
+    stays out of the weights, group-limited selection, normalisation and scaling."""
+    layer = _fused_layer(1, False, top_k, router="topk_sigmoid", n_group=n_group, topk_group=topk_group,
+                         normalize_topk=normalize, routed_scaling_factor=scale)
+    with torch.no_grad():
+        layer.router.expert_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        x_TD = torch.randn(T, 48, generator=torch.Generator().manual_seed(T))
+        got = decode_step.fused_layer(layer, x_TD)
+        y_ref, r_ref, p_ref = _staged(layer, x_TD)
+    assert got is not None
+    y, r, p = got
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert torch.equal(r.expert_ids_TK, r_ref.expert_ids_TK)
+    for name in ("weights_TK", "logits_TE", "probs_TE"):
+        torch.testing.assert_close(getattr(r, name), getattr(r_ref, name), **F32)
+    for name in ("token_idx_R", "slot_idx_R", "counts_E"):
+        assert torch.equal(getattr(p, name), getattr(p_ref, name)), name
+    torch.testing.assert_close(p.weights_R, p_ref.weights_R, **F32)
+
+
+@needs_kernel
 def test_layer_forward_takes_the_whole_step_and_reports_the_same(monkeypatch):
     """Through MoELayer.forward: the same y, aux loss and stats as the stages, and the
     step is taken only at inference (eval, no gradient, few tokens)."""
@@ -287,7 +312,7 @@ def test_whole_layer_step_declines_what_it_does_not_cover():
         assert decode_step.fused_layer(_fused_layer(1, False, jitter_eps=0.1).eval(), x) is not None
         layer.eval()
         assert decode_step.fused_layer(layer, torch.randn(decode.FUSED_MAX_TOKENS + 1, 48)) is None
-        for kw in (dict(router="topk_sigmoid"), dict(dispatch="capacity"), dict(expert="gelu"),
+        for kw in (dict(router="expert_choice"), dict(dispatch="capacity"), dict(expert="gelu"),
                    dict(expert_backend="loop"), dict(residual_d_ff=16), dict(router="noisy_topk")):
             assert decode_step.fused_layer(_fused_layer(1, False, **kw), x) is None, kw
         assert decode_step.fused_layer(_fused_layer(1, False).double(), x.double()) is None

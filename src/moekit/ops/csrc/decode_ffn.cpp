@@ -193,17 +193,94 @@ at::Tensor moe_decode_swiglu(const at::Tensor& x, const at::Tensor& tok_R, const
   return y;
 }
 
-// The whole layer step for the topk_softmax router with dropless dispatch (moe/router/
-// topk_softmax.py, ops/sort.py; moe/decode_step.py is the Python side and names the
-// staged path it must equal): fp32 logits x·Wᵀ (+ b) split over the threads by expert
-// rows; then, per token, softmax, the k largest logits (ties to the lower id, NaN first,
-// as ops/topk.py), the weights (softmax probabilities of the k, renormalised if asked,
-// or with `after` a softmax over the k logits, GPT-OSS); the slots sorted by (expert,
-// choice k, token) as sort_slots_by_expert; then moe_decode_swiglu. Returns y and every
-// tensor the Routing and DispatchPlan of the staged path hold.
-std::vector<at::Tensor> moe_decode_topk_softmax(
-    const at::Tensor& x, const at::Tensor& router_w, const std::optional<at::Tensor>& router_b, int64_t k,
-    bool after, bool normalize, const at::Tensor& w_in, const at::Tensor& w_out,
+// Orders expert ids by a score, largest first: NaN above everything, ties to the lower
+// id (as ops/topk.py's kernel)
+struct Above {
+  const float* v;
+  bool operator()(int64_t a, int64_t b) const {
+    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
+    if (na != nb) return na;
+    if (!na && v[a] != v[b]) return v[a] > v[b];
+    return a < b;
+  }
+};
+
+// How the router turns one token's logits into expert ids and weights.
+struct RouteSpec {
+  int64_t E, k;
+  bool sigmoid;          // topk_sigmoid (DeepSeek-V3) rather than topk_softmax
+  bool after;            // softmax: over the k chosen logits (GPT-OSS) rather than all
+  bool normalize;        // weights renormalised to sum to 1
+  float scale;           // sigmoid: routed_scaling_factor
+  const float* sel_bias; // sigmoid: the aux-loss-free balancing bias (selection only), or null
+  int64_t n_group, topk_group;  // sigmoid: group-limited selection
+};
+
+// One token: probs (the Routing's probs_TE), ids and weights, as moe/router/topk_softmax.py
+// and topk_sigmoid.py compute them. order and sel are scratch of E elements.
+void route_token(const RouteSpec& r, const float* l, float* p, int64_t* ids, float* w,
+                 std::vector<int64_t>& order, std::vector<float>& sel) {
+  const int64_t E = r.E, k = r.k;
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  float wsum = 0.0f;
+  if (!r.sigmoid) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), Above{l});
+    const float lmax = l[order[0]];
+    for (int64_t j = 0; j < k; ++j) {
+      ids[j] = order[j];
+      wsum += (w[j] = r.after ? std::exp(l[order[j]] - lmax) : p[order[j]]);
+    }
+    if (r.after || r.normalize)
+      for (int64_t j = 0; j < k; ++j) w[j] /= wsum;
+    return;
+  }
+  float ssum = 0.0f;
+  for (int64_t e = 0; e < E; ++e) {
+    p[e] = 1.0f / (1.0f + std::exp(-l[e]));  // the score; probs = scores / their sum, below
+    sel[e] = p[e] + (r.sel_bias ? r.sel_bias[e] : 0.0f);
+    ssum += p[e];
+  }
+  if (r.n_group > 1) {  // keep the topk_group groups with the best sum of two best scores
+    const int64_t G = r.n_group, per = E / G;
+    std::vector<float> gs(G);
+    std::vector<int64_t> gorder(G);
+    for (int64_t g = 0; g < G; ++g) {
+      std::partial_sort(order.begin() + g * per, order.begin() + g * per + 2, order.begin() + (g + 1) * per,
+                        Above{sel.data()});
+      gs[g] = sel[order[g * per]] + sel[order[g * per + 1]];
+      gorder[g] = g;
+    }
+    std::partial_sort(gorder.begin(), gorder.begin() + r.topk_group, gorder.end(), Above{gs.data()});
+    std::vector<char> keep(G, 0);
+    for (int64_t j = 0; j < r.topk_group; ++j) keep[gorder[j]] = 1;
+    for (int64_t e = 0; e < E; ++e) {
+      order[e] = e;
+      if (!keep[e / per]) sel[e] = -INFINITY;
+    }
+  }
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), Above{sel.data()});
+  for (int64_t j = 0; j < k; ++j) {
+    ids[j] = order[j];
+    wsum += (w[j] = p[order[j]]);
+  }
+  for (int64_t j = 0; j < k; ++j) w[j] = (r.normalize ? w[j] / (wsum + 1e-20f) : w[j]) * r.scale;
+  for (int64_t e = 0; e < E; ++e) p[e] /= ssum;
+}
+
+// The whole layer step for the top-k routers with dropless dispatch (moe/router/
+// topk_softmax.py, topk_sigmoid.py, ops/sort.py; moe/decode_step.py is the Python side
+// and names the staged path it must equal): fp32 logits x·Wᵀ (+ b) split over the
+// threads by expert rows; per token the router's ids and weights (route_token); the
+// slots sorted by (expert, choice, token) as sort_slots_by_expert; then
+// moe_decode_swiglu. Returns y and every tensor the staged Routing and DispatchPlan hold.
+std::vector<at::Tensor> moe_decode_topk(
+    const at::Tensor& x, const at::Tensor& router_w, const std::optional<at::Tensor>& router_b,
+    const std::optional<at::Tensor>& sel_bias, int64_t k, bool sigmoid, bool after, bool normalize, double scale,
+    int64_t n_group, int64_t topk_group, const at::Tensor& w_in, const at::Tensor& w_out,
     const std::optional<at::Tensor>& s_in, const std::optional<at::Tensor>& s_out,
     const std::optional<at::Tensor>& s_gate) {
   check_x(x);
@@ -211,15 +288,24 @@ std::vector<at::Tensor> moe_decode_topk_softmax(
   const int64_t T = x.size(0), D = x.size(1), E = router_w.size(0);
   TORCH_CHECK(router_w.size(1) == D, "moe_decode: router_w must be (E, D = ", D, "), got ", router_w.sizes());
   TORCH_CHECK(k >= 1 && k <= E, "moe_decode: k must be in [1, E = ", E, "], got ", k);
-  const bool has_b = router_b.has_value() && router_b->defined();
-  if (has_b) {
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
+                  (n_group == 1 || E / n_group >= 2) && k <= topk_group * (E / n_group),
+              "moe_decode: groups must split E = ", E, " evenly (two or more experts each) and hold k");
+  const float* bp = nullptr;
+  if (router_b.has_value() && router_b->defined()) {
     check_weight(*router_b, "router_b", 1);
     TORCH_CHECK(router_b->size(0) == E, "moe_decode: router_b must have E = ", E, " elements");
+    bp = router_b->data_ptr<float>();
+  }
+  const float* sbp = nullptr;
+  if (sel_bias.has_value() && sel_bias->defined()) {
+    check_weight(*sel_bias, "sel_bias", 1);
+    TORCH_CHECK(sel_bias->size(0) == E, "moe_decode: sel_bias must have E = ", E, " elements");
+    sbp = sel_bias->data_ptr<float>();
   }
   at::Tensor logits = at::empty({T, E}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = router_w.data_ptr<float>();
-  const float* bp = has_b ? router_b->data_ptr<float>() : nullptr;
   float* lp = logits.data_ptr<float>();
   const int64_t sw = router_w.stride(0);
   constexpr int64_t e_block = 8;
@@ -231,7 +317,7 @@ std::vector<at::Tensor> moe_decode_topk_softmax(
       for (int i = 0; i < nr; ++i) rows[i] = xp + (t0 + i) * D;
       for (int64_t e = b0 * e_block; e < std::min(E, b1 * e_block); ++e) {
         dots_n(nr, wp + e * sw, rows, D, out);
-        for (int i = 0; i < nr; ++i) lp[(t0 + i) * E + e] = out[i] + (has_b ? bp[e] : 0.0f);
+        for (int i = 0; i < nr; ++i) lp[(t0 + i) * E + e] = out[i] + (bp ? bp[e] : 0.0f);
       }
     }
   });
@@ -239,36 +325,13 @@ std::vector<at::Tensor> moe_decode_topk_softmax(
   at::Tensor probs = at::empty({T, E}, x.options());
   at::Tensor ids = at::empty({T, k}, x.options().dtype(at::kLong));
   at::Tensor weights = at::empty({T, k}, x.options());
-  float* pp = probs.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
   float* wtp = weights.data_ptr<float>();
+  const RouteSpec spec{E, k, sigmoid, after, normalize, static_cast<float>(scale), sbp, n_group, topk_group};
   std::vector<int64_t> order(E);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* l = lp + t * E;
-    float* p = pp + t * E;
-    float mx = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
-    float sum = 0.0f;
-    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
-    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
-    // the k largest, largest first; NaN above everything, ties to the lower id
-    for (int64_t e = 0; e < E; ++e) order[e] = e;
-    auto above = [l](int64_t a, int64_t b) {
-      const bool na = std::isnan(l[a]), nb = std::isnan(l[b]);
-      if (na != nb) return na;
-      if (!na && l[a] != l[b]) return l[a] > l[b];
-      return a < b;
-    };
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), above);
-    float wsum = 0.0f, lmax = l[order[0]];
-    for (int64_t j = 0; j < k; ++j) {
-      ip[t * k + j] = order[j];
-      wtp[t * k + j] = after ? std::exp(l[order[j]] - lmax) : p[order[j]];
-      wsum += wtp[t * k + j];
-    }
-    if (after || normalize)
-      for (int64_t j = 0; j < k; ++j) wtp[t * k + j] /= wsum;
-  }
+  std::vector<float> sel(E);
+  for (int64_t t = 0; t < T; ++t)
+    route_token(spec, lp + t * E, probs.data_ptr<float>() + t * E, ip + t * k, wtp + t * k, order, sel);
 
   // dropless dispatch: slots t*k + j by (expert, j, t)
   const int64_t R = T * k;
@@ -297,12 +360,13 @@ std::vector<at::Tensor> moe_decode_topk_softmax(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
-  m.def("moe_decode_topk_softmax(Tensor x, Tensor router_w, Tensor? router_b, int k, bool after, "
-        "bool normalize, Tensor w_in, Tensor w_out, Tensor? s_in, Tensor? s_out, Tensor? s_gate) -> Tensor[]");
+  m.def("moe_decode_topk(Tensor x, Tensor router_w, Tensor? router_b, Tensor? sel_bias, int k, bool sigmoid, "
+        "bool after, bool normalize, float scale, int n_group, int topk_group, Tensor w_in, Tensor w_out, "
+        "Tensor? s_in, Tensor? s_out, Tensor? s_gate) -> Tensor[]");
   m.def("moe_decode_swiglu(Tensor x, Tensor tok_R, Tensor weights_R, Tensor counts_E, Tensor w_in, "
         "Tensor w_out, Tensor? s_in, Tensor? s_out, Tensor? s_gate) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
   m.impl("moe_decode_swiglu", moe_decode_swiglu);
-  m.impl("moe_decode_topk_softmax", moe_decode_topk_softmax);
+  m.impl("moe_decode_topk", moe_decode_topk);
 }

@@ -229,6 +229,21 @@ def _staged(layer: MoELayer, x_TD: torch.Tensor):
     return layer._dense_paths(x_TD, layer.experts(x_TD, plan)), routing, plan
 
 
+def _assert_same_step(got, staged, T: int) -> None:
+    """y, the Routing (ids, weights, logits, probs) and the DispatchPlan (rows, slots,
+    weights, counts) of decode_step equal the staged path's."""
+    assert got is not None
+    (y, r, p), (y_ref, r_ref, p_ref) = got, staged
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert torch.equal(r.expert_ids_TK, r_ref.expert_ids_TK)
+    for name in ("weights_TK", "logits_TE", "probs_TE"):
+        torch.testing.assert_close(getattr(r, name), getattr(r_ref, name), **F32)
+    for name in ("token_idx_R", "slot_idx_R", "counts_E", "requested_E"):
+        assert torch.equal(getattr(p, name), getattr(p_ref, name)), name
+    torch.testing.assert_close(p.weights_R, p_ref.weights_R, **F32)
+    assert p.num_tokens == T
+
+
 @needs_kernel
 @pytest.mark.parametrize("order,normalize", [("before", True), ("before", False), ("after", True)])
 @pytest.mark.parametrize("shared,gate", [(0, False), (1, True), (2, False)])
@@ -243,16 +258,7 @@ def test_whole_layer_step_matches_the_stages(order, normalize, shared, gate, T, 
         x_TD = torch.randn(T, 48, generator=torch.Generator().manual_seed(T * 10 + top_k))
         got = decode_step.fused_layer(layer, x_TD)
         y_ref, r_ref, p_ref = _staged(layer, x_TD)
-    assert got is not None
-    y, r, p = got
-    torch.testing.assert_close(y, y_ref, **F32)
-    assert torch.equal(r.expert_ids_TK, r_ref.expert_ids_TK)
-    for name in ("weights_TK", "logits_TE", "probs_TE"):
-        torch.testing.assert_close(getattr(r, name), getattr(r_ref, name), **F32)
-    for name in ("token_idx_R", "slot_idx_R", "counts_E", "requested_E"):
-        assert torch.equal(getattr(p, name), getattr(p_ref, name)), name
-    torch.testing.assert_close(p.weights_R, p_ref.weights_R, **F32)
-    assert p.num_tokens == T
+    _assert_same_step(got, (y_ref, r_ref, p_ref), T)
 
 
 @needs_kernel
@@ -269,15 +275,7 @@ def test_whole_layer_step_matches_the_stages_sigmoid(n_group, topk_group, normal
         x_TD = torch.randn(T, 48, generator=torch.Generator().manual_seed(T))
         got = decode_step.fused_layer(layer, x_TD)
         y_ref, r_ref, p_ref = _staged(layer, x_TD)
-    assert got is not None
-    y, r, p = got
-    torch.testing.assert_close(y, y_ref, **F32)
-    assert torch.equal(r.expert_ids_TK, r_ref.expert_ids_TK)
-    for name in ("weights_TK", "logits_TE", "probs_TE"):
-        torch.testing.assert_close(getattr(r, name), getattr(r_ref, name), **F32)
-    for name in ("token_idx_R", "slot_idx_R", "counts_E"):
-        assert torch.equal(getattr(p, name), getattr(p_ref, name)), name
-    torch.testing.assert_close(p.weights_R, p_ref.weights_R, **F32)
+    _assert_same_step(got, (y_ref, r_ref, p_ref), T)
 
 
 @needs_kernel

@@ -62,14 +62,10 @@ SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="many", choices=list(L.CONFIGS))
     ap.add_argument("--mode", default="fb", choices=["fwd", "fb"])
     ap.add_argument("--switch", default="pool", choices=list(SWITCHES))
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    s = L.CONFIGS[a.config]
+    a, s = L.parse_with_config(ap, "many", list(L.CONFIGS))
     layer = L.MoekitLayer(s).layer
     x = torch.randn(s.T // L.SEQ, L.SEQ, s.d)
     dy = torch.randn_like(x)

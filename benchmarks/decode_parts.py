@@ -38,13 +38,9 @@ def parts_of(lay, x):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="fine", choices=["coarse", "fine"])
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    s = L.CONFIGS[a.config]
+    a, s = L.parse_with_config(ap, "fine", ["coarse", "fine"])
     ref, other_ref = L.build_all(s, ["none"])["moekit"], L.build_all(s, ["none"], seed=1)["moekit"]
     lay, other = ref.layer.eval(), other_ref.layer.eval()
     x = torch.randn(a.tokens, s.d)

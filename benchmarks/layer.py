@@ -238,6 +238,16 @@ class STMoE(nn.Module):
         return self.moe(x)[0]
 
 
+def parse_with_config(ap: argparse.ArgumentParser, default: str, choices: list[str]):
+    """Adds --config and --threads to another benchmark's parser, parses, sets the thread
+    count; returns (args, the config's Shape)."""
+    ap.add_argument("--config", default=default, choices=choices)
+    ap.add_argument("--threads", type=int, default=THREADS)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    return a, CONFIGS[a.config]
+
+
 def build_all(s: Shape, names: list[str] | None = None, seed: int = 0) -> dict[str, nn.Module]:
     """dense and moekit always; the peers whose shapes fit; `names` keeps only those."""
     torch.manual_seed(seed)

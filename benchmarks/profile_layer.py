@@ -35,14 +35,10 @@ def profiled(step, calls: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="many", choices=["coarse", "fine", "many"])
     ap.add_argument("--mode", default="fwd", choices=["fwd", "fb"])
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    s = L.CONFIGS[a.config]
+    a, s = L.parse_with_config(ap, "many", ["coarse", "fine", "many"])
     mods = L.build_all(s, ["none"])
     x = torch.randn(s.T // L.SEQ, L.SEQ, s.d)
     dy = torch.randn_like(x) * s.d ** -0.5 if a.mode == "fb" else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.moe.experts.decode import kernel_weights
+from moekit.moe.experts.decode import kernel_weights, no_grad_needed
 from moekit.moe.router.topk_sigmoid import TopKSigmoidRouter
 from moekit.moe.router.topk_softmax import TopKSoftmaxRouter
 from moekit.moe.types import DispatchPlan, Routing
@@ -45,9 +45,7 @@ def _kernel_args(layer, x_TD: torch.Tensor) -> tuple | None:
     if ffn is None or any(w.dtype != torch.float32 for w in router):
         return None
     weights = router + [w for w in ffn if w is not None]
-    if torch.is_grad_enabled() and (x_TD.requires_grad or any(w.requires_grad for w in weights)):
-        return None
-    if not ext.available():
+    if not no_grad_needed(x_TD, *weights) or not ext.available():
         return None
     return (x_TD.contiguous(), r.weight, r.bias, sel_bias, cfg.top_k, sigmoid, cfg.softmax_order == "after",
             cfg.normalize_topk, cfg.routed_scaling_factor, cfg.n_group if sigmoid else 1,

@@ -6,6 +6,11 @@
          ──4 combine──▶ ┘ weighted scatter-add back to y_TD
          (+ shared experts on x_TD)
     side path: balance(Routing) -> aux_loss, losses; routing_stats -> stats
+
+A decode step (1-8 tokens, no gradient, CPU fp32, top-k routers, SwiGLU) runs 1-4 and
+the shared experts in one kernel call (moe/decode_step.py) that returns the same
+Routing and DispatchPlan; with other routers, 3-4 and the shared experts still fuse
+(moe/experts/decode.py: fused_step).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ and autograd needs nothing; the result equals the chunked path's (tests/test_dec
 
 A whole SwiGLU layer step (routed experts, combine and the shared expert) goes further,
 into one kernel call: ops/csrc/decode_ffn.cpp, through `fused_step`, which MoELayer tries
-first and which returns None where the kernel does not apply; `fused_reference` is the
-unfused composition it must equal.
+when its whole-layer step (moe/decode_step.py, which adds the router and dispatch) does
+not apply, e.g. for other routers; it returns None where the kernel does not apply.
+`fused_reference` is the unfused composition it must equal.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def standard_modules(experts, shared) -> bool:
     return type(experts) is ExpertBank and (shared is None or type(shared) is SharedExperts)
 
 
-def _no_grad_needed(*tensors: torch.Tensor) -> bool:
+def no_grad_needed(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
@@ -88,7 +89,7 @@ def fused_step(x_TD: torch.Tensor, plan: DispatchPlan, experts, shared) -> torch
     weights = kernel_weights(x_TD, experts, shared)
     if weights is None or plan.weights_R.dtype != torch.float32:
         return None
-    if not _no_grad_needed(x_TD, plan.weights_R, *(w for w in weights if w is not None)) or not ext.available():
+    if not no_grad_needed(x_TD, plan.weights_R, *(w for w in weights if w is not None)) or not ext.available():
         return None
     return ext.op("moe_decode_swiglu")(x_TD.contiguous(), plan.token_idx_R.contiguous(), plan.weights_R.contiguous(),
                                         plan.counts_E.to(torch.int64).contiguous(), *weights)

@@ -9,7 +9,8 @@
 // reads its weights in two more passes. Here:
 //   pass 1  every routed row and every token's shared row: a = silu(x·W_g) · (x·W_u) · s
 //           (s = routing weight, or the shared gate, or 1), the gate and up rows of W_in
-//           in the same work item so the activation needs no second pass;
+//           in the same work item (gate rows first, then up rows) so the activation
+//           needs no second pass;
 //   pass 2  the output's D columns split over the threads: each adds every expert's
 //           W_out rows for its columns to y, so no two threads write the same element.
 // Reference: moe/experts/decode.py's torch path (the chunked expert bank and the shared
@@ -56,10 +57,9 @@ struct Group {
 
 void check_weight(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.stride(-1) == 1,
-              "moe_decode_swiglu: ", name, " must be a CPU float32 tensor of ", dim, " dims with contiguous rows");
+              "moe_decode: ", name, " must be a CPU float32 tensor of ", dim, " dims with contiguous rows");
 }
 
-// pass 1 for the rows of g: a[:, f] for f in [f0, f1)
 constexpr int64_t MAX_F_BLOCK = 64;  // gate/up rows per pass-1 item, at most
 
 // pass 1 for the rows of g: a[:, f] for f in [f0, f1), f1 - f0 <= MAX_F_BLOCK. The gate

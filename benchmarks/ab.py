@@ -14,6 +14,7 @@ Switches (off -> on):
   topk     the router top-k kernel only (torch.topk -> ops/topk.py)
   swiglu   the fused SwiGLU only (torch ops -> ops/swiglu.py)
   rows     the row scatter-add only (index_add_ -> ops/rows.py)
+  byexpert whole experts per thread (grouped.py's chunk loop -> moe/experts/by_expert.py)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import layer as L  # noqa: E402  (benchmarks/layer.py: configs and the moekit layer)
 
-from moekit.moe.experts import grouped  # noqa: E402
+from moekit.moe.experts import by_expert, grouped  # noqa: E402
 from moekit.ops import ext, rows, topk  # noqa: E402
 
 _fused, _topk_applies, _rows_applies = grouped._fused_swiglu, topk.applies, rows.applies
@@ -57,7 +58,12 @@ def _rows(on: bool) -> None:
     rows.applies = _rows_applies if on else (lambda *a: False)
 
 
-SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows}
+def _byexpert(on: bool) -> None:
+    by_expert.ENABLED = on
+
+
+SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
+            "byexpert": _byexpert}
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.moe.experts import decode
+from moekit.moe.experts import by_expert, decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
 from moekit.moe.types import DispatchPlan
 from moekit.ops import gemm, grad_pool, swiglu
@@ -285,5 +285,7 @@ def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tens
     counts = plan.counts_E.tolist()  # host copy: chunk boundaries are planned on the host
     if decode.takes(x_TD, counts, w_in_END, w_out_EDF, plan.weights_R):
         return decode.decode_experts(x_TD, plan, counts, w_in_END, w_out_EDF, act)
+    if by_expert.takes(x_TD, counts, w_in_END, w_out_EDF, act):
+        return by_expert.by_expert_experts(x_TD, plan, counts, w_in_END, w_out_EDF)
     return _GroupedFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R,
                              counts, act.name)

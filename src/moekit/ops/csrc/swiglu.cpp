@@ -16,11 +16,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "swiglu_rows.h"
 #include "vec_math.h"
 
 namespace {
 
-using moekit::sigmoid;
+using moekit::bwd_row;
+using moekit::fwd_row;
 
 int64_t grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)); }
 
@@ -46,39 +48,9 @@ void swiglu_fwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& a) {
       const float* g = hp + r * sh;
       const float* u = g + F;
       float* out = ap + r * sa;
-      const float s = r < n ? wp[r] : 1.0f;
-      for (int64_t j = 0; j < F; ++j) out[j] = g[j] * sigmoid(g[j]) * u[j] * s;
+      fwd_row(g, u, r < n ? wp[r] : 1.0f, out, F);
     }
   });
-}
-
-// One row of the backward; see swiglu_bwd. Blocks of 16 with 16 partial sums for the
-// dot product, so the loop vectorizes without reassociating a single running sum (the
-// tail is the same body, scalar).
-template <bool NEED_A>
-inline float bwd_row(const float* __restrict g, const float* __restrict u, const float* __restrict b,
-                     float wr, float* __restrict dg, float* __restrict du, float* __restrict ar, int64_t F) {
-  float acc[16] = {0};
-  int64_t j0 = 0;
-  for (; j0 + 16 <= F; j0 += 16)
-    for (int l = 0; l < 16; ++l) {
-      const int64_t j = j0 + l;
-      const float sg = sigmoid(g[j]), s = g[j] * sg, d = b[j] * wr;
-      acc[l] += b[j] * (s * u[j]);
-      du[j] = d * s;
-      dg[j] = d * u[j] * sg * (1.0f + g[j] * (1.0f - sg));
-      if (NEED_A) ar[j] = s * u[j] * wr;
-    }
-  float dot = 0.0f;
-  for (int64_t j = j0; j < F; ++j) {
-    const float sg = sigmoid(g[j]), s = g[j] * sg, d = b[j] * wr;
-    dot += b[j] * (s * u[j]);
-    du[j] = d * s;
-    dg[j] = d * u[j] * sg * (1.0f + g[j] * (1.0f - sg));
-    if (NEED_A) ar[j] = s * u[j] * wr;
-  }
-  for (int l = 0; l < 16; ++l) dot += acc[l];
-  return dot;
 }
 
 // With ub the gradient reaching a before the routing weight (dy · W_out):

@@ -1,0 +1,235 @@
+// One chunk of the SwiGLU expert bank with whole experts handed to threads: each thread
+// gathers its expert's rows, runs that expert's products on one core through oneDNN, and
+// applies the SwiGLU, all in its own cache-sized buffers. moe/experts/by_expert.py is the
+// Python side and says why; moe/experts/grouped.py's chunk loop is the reference.
+//
+// A chunk's rows are sorted by expert; seg (S, 4) int64 lists its segments as
+// (expert, first row, end row, first-write) with rows relative to the chunk, at most one
+// segment per expert. first-write = 1 where the backward writes the expert's weight
+// gradients (beta 0) rather than adding to them (a big expert spans several chunks).
+//
+// Each expert's rows are padded with zero rows to a multiple of `step` rows (fewer than
+// `step` stay as they are): oneDNN compiles a kernel per new shape (ops/gemm.py), and
+// zero rows stay zero through every stage, so they add nothing to any output.
+// Every product of an expert runs on one thread in a fixed order, so the result does
+// not depend on the thread count or on which thread took the expert.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "swiglu_rows.h"
+
+namespace at::native {
+// result = alpha · (mat1 @ mat2) + beta · result on oneDNN, into result as it lies.
+// Exported by libtorch_cpu (aten/src/ATen/native/mkldnn/Matmul.cpp) without an installed
+// header. Called inside a parallel region it runs on the calling thread alone.
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
+}  // namespace at::native
+
+namespace {
+
+struct Seg {
+  int64_t e, s, t;
+  bool first;
+};
+
+std::vector<Seg> read_segments(const at::Tensor& seg, int64_t E, int64_t rows) {
+  TORCH_CHECK(seg.scalar_type() == at::kLong && seg.dim() == 2 && seg.size(1) == 4,
+              "expert_bank: seg must be int64 (S, 4)");
+  const at::Tensor sc = seg.contiguous();
+  const int64_t* p = sc.data_ptr<int64_t>();
+  std::vector<Seg> out;
+  for (int64_t i = 0; i < sc.size(0); ++i) {
+    const Seg g{p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3] != 0};
+    TORCH_CHECK(g.e >= 0 && g.e < E && g.s >= 0 && g.s <= g.t && g.t <= rows,
+                "expert_bank: segment ", i, " (", g.e, ", ", g.s, ", ", g.t, ") out of range");
+    if (g.t > g.s) out.push_back(g);
+  }
+  return out;
+}
+
+int64_t padded(int64_t n, int64_t step) { return n < step ? n : (n + step - 1) / step * step; }
+
+// rows of the largest padded segment: the size of each thread's buffers
+int64_t most_rows(const std::vector<Seg>& segs, int64_t step) {
+  int64_t most = 0;
+  for (const Seg& g : segs) most = std::max(most, padded(g.t - g.s, step));
+  return most;
+}
+
+// f(item, buffers) for every item, items handed out one at a time (experts differ in
+// size); each thread allocates its buffers once per call
+template <class Bufs, class Fn>
+void for_each_segment(const std::vector<Seg>& segs, const std::function<Bufs()>& make, const Fn& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(segs.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Bufs b = make();
+    for (int64_t i; (i = next.fetch_add(1)) < n;) f(segs[i], b);
+  });
+}
+
+// rows src[idx[r]] into dst rows 0..n-1, zero rows n..m-1
+void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t n, int64_t m, const at::Tensor& dst) {
+  const int64_t W = src.size(1);
+  const float* sp = src.data_ptr<float>();
+  float* dp = dst.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) std::memcpy(dp + r * W, sp + idx[r] * src.stride(0), W * sizeof(float));
+  if (m > n) std::memset(dp + n * W, 0, (m - n) * W * sizeof(float));
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& w_in,
+                  const at::Tensor& w_out) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "expert_bank: x must be contiguous CPU float32 (T, D)");
+  TORCH_CHECK(w_in.scalar_type() == at::kFloat && w_in.dim() == 3 && w_in.is_contiguous() &&
+                  w_out.scalar_type() == at::kFloat && w_out.dim() == 3 && w_out.is_contiguous(),
+              "expert_bank: w_in (E, 2F, D) and w_out (E, D, F) must be contiguous float32");
+  const int64_t D = x.size(1), F = w_out.size(2);
+  TORCH_CHECK(w_in.size(2) == D && w_in.size(1) == 2 * F && w_out.size(1) == D && w_out.size(0) == w_in.size(0),
+              "expert_bank: weight shapes ", w_in.sizes(), " and ", w_out.sizes(), " do not fit D=", D);
+  TORCH_CHECK(tok.scalar_type() == at::kLong && tok.dim() == 1 && tok.is_contiguous(),
+              "expert_bank: tok must be contiguous int64");
+  TORCH_CHECK(wts.scalar_type() == at::kFloat && wts.is_contiguous() && wts.numel() == tok.numel(),
+              "expert_bank: weights must be contiguous float32 with one per row");
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  for (int64_t r = 0; r < tok.numel(); ++r)
+    TORCH_CHECK(tp[r] >= 0 && tp[r] < x.size(0), "expert_bank: token index ", tp[r], " out of range");
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t width) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
+                  t.size(1) == width,
+              "expert_bank: ", name, " must be contiguous float32 (", rows, ", ", width, ")");
+}
+
+struct FwdBufs {
+  at::Tensor x, h, a, o;
+};
+
+// out rows = w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ for the chunk's rows; h (rows, 2F) gets the
+// pre-activations when defined (saved for the backward)
+void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
+              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& h,
+              int64_t step) {
+  check_common(x, tok, wts, w_in, w_out);
+  const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
+  check_rows(out, "out", rows, D);
+  const bool keep_h = h.defined() && h.numel() > 0;
+  if (keep_h) check_rows(h, "h", rows, N);
+  const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
+  const int64_t most = most_rows(segs, step);
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  const float* wp = wts.data_ptr<float>();
+  std::function<FwdBufs()> make = [&] {
+    return FwdBufs{x.new_empty({most, D}), x.new_empty({most, N}), x.new_empty({most, F}), x.new_empty({most, D})};
+  };
+  for_each_segment(segs, make, [&](const Seg& g, FwdBufs& b) {
+    const int64_t n = g.t - g.s, m = padded(n, step);
+    const at::Tensor xm = b.x.narrow(0, 0, m), hm = b.h.narrow(0, 0, m), am = b.a.narrow(0, 0, m);
+    gather_rows(x, tp + g.s, n, m, xm);
+    at::native::mkldnn_matmul(xm, w_in[g.e].t(), hm, 0.0f, 1.0f);
+    if (keep_h) std::memcpy(h.data_ptr<float>() + g.s * N, hm.data_ptr<float>(), n * N * sizeof(float));
+    const float* hp = hm.data_ptr<float>();
+    float* ap = am.data_ptr<float>();
+    // the routing weight scales a (F wide) or the output (D wide), whichever is narrower
+    const bool weight_a = F <= D;
+    for (int64_t r = 0; r < m; ++r)
+      moekit::fwd_row(hp + r * N, hp + r * N + F, weight_a && r < n ? wp[g.s + r] : 1.0f, ap + r * F, F);
+    const at::Tensor om = m == n ? out.narrow(0, g.s, n) : b.o.narrow(0, 0, m);
+    at::native::mkldnn_matmul(am, w_out[g.e].t(), om, 0.0f, 1.0f);
+    float* op = om.data_ptr<float>();
+    if (!weight_a)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t d = 0; d < D; ++d) op[r * D + d] *= wp[g.s + r];
+    if (m != n) std::memcpy(out.data_ptr<float>() + g.s * D, op, n * D * sizeof(float));
+  });
+}
+
+struct BwdBufs {
+  at::Tensor dy, u, dh, a, x, dx;
+};
+
+// Given dy (T, D) and the forward's h (rows, 2F): dx rows (rows, D) into dx_rows, the
+// routing-weight gradient per row into dw, and each segment's weight gradients written
+// (first-write) or added into dw_in (E, 2F, D) and dw_out (E, D, F). Undefined or empty
+// outputs are not computed.
+void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
+              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& dy,
+              const at::Tensor& dx_rows, const at::Tensor& dw, const at::Tensor& dw_in, const at::Tensor& dw_out,
+              int64_t step) {
+  check_common(x, tok, wts, w_in, w_out);
+  const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
+  check_rows(h, "h", rows, N);
+  TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous() && dy.sizes() == x.sizes(),
+              "expert_bank: dy must be contiguous float32 like x");
+  const bool need_x = dx_rows.numel() > 0, need_w = dw.numel() > 0;
+  const bool need_win = dw_in.numel() > 0, need_wout = dw_out.numel() > 0;
+  if (need_x) check_rows(dx_rows, "dx_rows", rows, D);
+  TORCH_CHECK(!need_w || (dw.is_contiguous() && dw.numel() == rows && dw.scalar_type() == at::kFloat),
+              "expert_bank: dw must be float32 with one per row");
+  TORCH_CHECK(!need_win || (dw_in.sizes() == w_in.sizes() && dw_in.is_contiguous() && dw_in.scalar_type() == at::kFloat), "expert_bank: dw_in must be like w_in");
+  TORCH_CHECK(!need_wout || (dw_out.sizes() == w_out.sizes() && dw_out.is_contiguous() && dw_out.scalar_type() == at::kFloat), "expert_bank: dw_out must be like w_out");
+  const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
+  const int64_t most = most_rows(segs, step);
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  const float* wp = wts.data_ptr<float>();
+  std::function<BwdBufs()> make = [&] {
+    return BwdBufs{x.new_empty({most, D}), x.new_empty({most, F}), x.new_empty({most, N}),
+                   x.new_empty({most, F}), x.new_empty({most, D}), x.new_empty({most, D})};
+  };
+  for_each_segment(segs, make, [&](const Seg& g, BwdBufs& b) {
+    const int64_t n = g.t - g.s, m = padded(n, step);
+    const at::Tensor dym = b.dy.narrow(0, 0, m), um = b.u.narrow(0, 0, m), dhm = b.dh.narrow(0, 0, m);
+    const at::Tensor am = b.a.narrow(0, 0, m);
+    gather_rows(dy, tp + g.s, n, m, dym);
+    at::native::mkldnn_matmul(dym, w_out[g.e], um, 0.0f, 1.0f);  // u = dy · W_out: reaches w·a
+    const float* hp = h.data_ptr<float>() + g.s * N;
+    const float* up = um.data_ptr<float>();
+    float* dhp = dhm.data_ptr<float>();
+    float* ap = am.data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r) {
+      const float* gr = hp + r * N;
+      float* dg = dhp + r * N;
+      const float dot = need_wout ? moekit::bwd_row<true>(gr, gr + F, up + r * F, wp[g.s + r], dg, dg + F, ap + r * F, F)
+                                  : moekit::bwd_row<false>(gr, gr + F, up + r * F, wp[g.s + r], dg, dg + F, nullptr, F);
+      if (need_w) dw.data_ptr<float>()[g.s + r] = dot;
+    }
+    if (m > n) {  // padding rows: zero, so they add nothing to the weight gradients
+      std::memset(dhp + n * N, 0, (m - n) * N * sizeof(float));
+      if (need_wout) std::memset(ap + n * F, 0, (m - n) * F * sizeof(float));
+    }
+    const float beta = g.first ? 0.0f : 1.0f;
+    if (need_wout) at::native::mkldnn_matmul(dym.t(), am, dw_out[g.e], beta, 1.0f);  // dy_ᵀ (w·a)
+    if (need_win) {
+      const at::Tensor xm = b.x.narrow(0, 0, m);
+      gather_rows(x, tp + g.s, n, m, xm);
+      at::native::mkldnn_matmul(dhm.t(), xm, dw_in[g.e], beta, 1.0f);  // dhᵀ x
+    }
+    if (need_x) {
+      const at::Tensor dxm = m == n ? dx_rows.narrow(0, g.s, n) : b.dx.narrow(0, 0, m);
+      at::native::mkldnn_matmul(dhm, w_in[g.e], dxm, 0.0f, 1.0f);  // dh · W_in
+      if (m != n) std::memcpy(dx_rows.data_ptr<float>() + g.s * D, dxm.data_ptr<float>(), n * D * sizeof(float));
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moekit, m) {
+  m.def("expert_bank_fwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, "
+        "Tensor(a!) out, Tensor(b!) h, int step) -> ()");
+  m.def("expert_bank_bwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, Tensor h, "
+        "Tensor dy, Tensor(a!) dx_rows, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, int step) -> ()");
+}
+TORCH_LIBRARY_IMPL(moekit, CPU, m) {
+  m.impl("expert_bank_fwd", bank_fwd);
+  m.impl("expert_bank_bwd", bank_bwd);
+}

@@ -1,0 +1,179 @@
+"""Whole experts per thread (moe/experts/by_expert.py, ops/csrc/expert_bank.cpp) against
+the loop oracle and grouped.py's chunk loop: outputs and every gradient in fp32, with
+chunks forced small so that experts span chunks (the first-write / add path of the
+weight gradients), empty experts, skewed loads, padding rows, and each subset of
+needed gradients. The kernel serves CPU float32 SwiGLU only; fp64 parity of the layer
+stays with grouped.py (tests/test_grouped_chunks.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import MoEConfig, MoELayer
+from moekit.moe.experts import ACTIVATIONS, by_expert, grouped, loop
+from moekit.moe.types import DispatchPlan
+from moekit.ops import ext, gemm
+
+pytestmark = pytest.mark.skipif(not (ext.available() and gemm.onednn_available()),
+                                reason="needs the C++ kernels and oneDNN")
+SWIGLU = ACTIVATIONS.get("swiglu")
+
+
+def _problem(T=300, D=32, E=12, F=24, K=3, seed=0, empty=(5,)):
+    """Random experts, a skewed routing (tokens 0..59 all to experts 0..K-1) and some
+    experts with no rows; returns the leaf tensors and a DispatchPlan over them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    w_in = torch.randn(E, 2 * F, D, generator=g) * 0.2
+    w_out = torch.randn(E, D, F, generator=g) * 0.2
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[:60] = torch.arange(K)
+    for e in empty:
+        ids[ids == e] = (e + 1) % E
+    weights = torch.rand(T, K, generator=g)
+    return x, w_in, w_out, ids, weights
+
+
+def _plan(ids, weights_TK):
+    T, K = ids.shape
+    flat = ids.flatten()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=int(ids.max()) + 1)
+    return DispatchPlan(order // K, order, weights_TK.flatten()[order], counts, counts, T)
+
+
+def _run(fn, tensors, ids, need):
+    """fn's output and the gradients of the tensors whose names are in need."""
+    names = ("x", "w_in", "w_out", "weights")
+    leaves = [t.clone().requires_grad_(n in need) for n, t in zip(names, tensors, strict=True)]
+    x, w_in, w_out, weights = leaves
+    y = fn(x, _plan(ids, weights), w_in, w_out, SWIGLU)
+    probe = torch.linspace(-1, 1, y.numel()).view_as(y)
+    if need:
+        (y * probe).sum().backward()
+    return y.detach(), {n: t.grad for n, t in zip(names, leaves, strict=True) if n in need}
+
+
+def _force_small_chunks(monkeypatch, rows=64):
+    monkeypatch.setattr(by_expert, "MIN_CHUNK_ROWS", rows)
+    monkeypatch.setattr(by_expert, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(by_expert, "MIN_EXPERTS_PER_THREAD", 0)
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = by_expert.by_expert_experts
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(by_expert, "by_expert_experts", spy)
+    return calls
+
+
+NEEDS = [("x", "w_in", "w_out", "weights"), ("x",), ("w_in", "w_out"), ("weights",), ()]
+
+
+@pytest.mark.parametrize("need", NEEDS, ids=lambda n: "+".join(n) or "no_grad")
+@pytest.mark.parametrize("rows", [64, 10_000])
+def test_matches_the_loop_oracle(monkeypatch, need, rows):
+    _force_small_chunks(monkeypatch, rows)
+    calls = _spy(monkeypatch)
+    tensors = _problem()
+    ids = tensors[3]
+    x, w_in, w_out, _, weights = tensors
+    fast = _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, need)
+    assert calls, "the by-expert path must have run"
+    ref = _run(loop.loop_experts, (x, w_in, w_out, weights), ids, need)
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-5)
+    assert fast[1].keys() == ref[1].keys() == set(need)
+    for n in need:
+        torch.testing.assert_close(fast[1][n], ref[1][n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    if "w_in" in need:  # experts without rows get exactly zero gradient
+        assert fast[1]["w_in"][5].abs().max() == 0 and fast[1]["w_out"][5].abs().max() == 0
+
+
+def test_small_chunks_split_experts(monkeypatch):
+    """The chunk plan really splits experts, and marks only their first segment first-write."""
+    chunks = by_expert.plan_segments([70, 0, 5, 130], 64)
+    seen, firsts = [], {}
+    for r0, r1, seg in chunks:
+        assert 0 < r1 - r0 <= 64 and seg[0, 1] == 0 and seg[-1, 2] == r1 - r0
+        assert len(set(seg[:, 0].tolist())) == len(seg), "one segment per expert in a chunk"
+        for e, s, t, first in seg.tolist():
+            seen += [e] * (t - s)
+            firsts.setdefault(e, []).append(first)
+    assert seen == [0] * 70 + [2] * 5 + [3] * 130
+    assert firsts == {0: [1, 0], 2: [1], 3: [1, 0, 0]}
+
+
+def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
+    """Through MoELayer with a shared expert and the balance losses, against the same
+    layer with the by-expert path switched off (grouped.py's chunk loop)."""
+    calls = _spy(monkeypatch)
+    cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    x = torch.randn(4, 50, 32)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(by_expert, "ENABLED", on)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        (out.y.square().sum() + out.aux_loss).backward()
+        results.append((out.y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    assert len(calls) == 1
+    (y_a, gx_a, g_a), (y_b, gx_b, g_b) = results
+    torch.testing.assert_close(y_a, y_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_a, gx_b, atol=1e-5, rtol=1e-5)
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    """Each expert's products run on one thread in a fixed order: 1 and 2 threads give
+    bit-identical outputs and gradients (what exact resume relies on)."""
+    _force_small_chunks(monkeypatch, 10_000)
+    tensors = _problem(T=400, E=16)
+    x, w_in, w_out, ids, weights = tensors
+    old = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(_run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0]))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out[0][0], out[1][0])
+    for n in NEEDS[0]:
+        assert torch.equal(out[0][1][n], out[1][1][n]), n
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("fp64", False), ("gelu", False), ("few_experts", False), ("ok", True), ("off", False)])
+def test_takes_only_what_it_serves(monkeypatch, case, expect):
+    threads = torch.get_num_threads()
+    x = torch.randn(8, 16, dtype=torch.float64 if case == "fp64" else torch.float32)
+    E = 1 if case == "few_experts" else 8 * threads
+    w_in, w_out = torch.randn(E, 16, 16, dtype=x.dtype), torch.randn(E, 16, 8, dtype=x.dtype)
+    counts = [4096] * E if case == "few_experts" else [3] * E
+    if case == "off":
+        monkeypatch.setattr(by_expert, "ENABLED", False)
+    act = ACTIVATIONS.get("gelu" if case == "gelu" else "swiglu")
+    assert by_expert.takes(x, counts, w_in, w_out, act) is expect
+
+
+def test_kernel_rejects_bad_segments_and_tokens():
+    x, w_in, w_out, ids, weights = _problem(T=10, E=4, K=1, empty=())
+    out, h = torch.empty(10, 32), torch.empty(0)
+    tok, w = torch.arange(10), torch.ones(10)
+    fwd = ext.op("expert_bank_fwd")
+    with pytest.raises(RuntimeError, match="segment 0"):
+        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, h, 32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, h, 32)
+    with pytest.raises(RuntimeError, match="x must be"):
+        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, h, 32)

@@ -22,6 +22,9 @@ after moving products to oneDNN, ops/gemm.py), wall-clock tokens/s, two runs:
   (grouped experts 10.4, router 0.7, dispatch 0.1, losses+stats 0.1), HF Mixtral MoE block
   15.8, HF attention 13.2. Attention is ~half of a step, so the MoE layer alone cannot
   make the model 2x faster than transformers here.
+Session 5 (whole experts per thread on CPU, moe/experts/by_expert.py), `--rounds 3`,
+two runs each: MoE/dense 0.991 and 0.979, MoE/HF Mixtral 1.51x and 1.46x; the same
+runs with MOEKIT_BY_EXPERT=0: 0.767 and 0.845, 1.30x and 1.42x.
   On a loaded machine 2-thread times mostly measure the scheduler (OpenMP barriers wait
   for descheduled threads); compare the CPU-second table, or rerun when idle.
 """

@@ -28,6 +28,10 @@ reference machine) one expert per chunk with zero-padded rows, each product's fr
 output used as is (see _padded_path); elsewhere torch.mm into slices of the chunk
 buffers. torch's grouped_mm is not used: on CPU it is itself a loop of mm and measured
 slower at these sizes (it allocates the whole output at once).
+
+grouped_experts hands a call to decode.py (a few rows per expert, no gradient) or to
+by_expert.py (CPU fp32 SwiGLU with at least 2 experts per thread in a chunk: whole
+experts per thread in C++) where those apply; this chunk loop is their reference.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
 
 
 @pytest.mark.parametrize("case,expect", [
-    ("fp64", False), ("gelu", False), ("few_experts", False), ("ok", True), ("off", False)])
+    ("fp64", False), ("gelu", False), ("few_experts", False), ("ok", True), ("off", False),
+    ("strided", False)])
 def test_takes_only_what_it_serves(monkeypatch, case, expect):
     threads = torch.get_num_threads()
     x = torch.randn(8, 16, dtype=torch.float64 if case == "fp64" else torch.float32)
@@ -162,6 +163,8 @@ def test_takes_only_what_it_serves(monkeypatch, case, expect):
     counts = [4096] * E if case == "few_experts" else [3] * E
     if case == "off":
         monkeypatch.setattr(by_expert, "ENABLED", False)
+    if case == "strided":  # e.g. a transposed view of loaded weights: left to the chunk loop
+        w_in = torch.randn(E, 16, 16).transpose(1, 2)
     act = ACTIVATIONS.get("gelu" if case == "gelu" else "swiglu")
     assert by_expert.takes(x, counts, w_in, w_out, act) is expect
 

@@ -41,11 +41,12 @@ ENABLED = os.environ.get("MOEKIT_BY_EXPERT", "1") != "0"
 
 def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
           act: Activation) -> bool:
-    """CPU float32 SwiGLU experts with oneDNN in use, the kernels built, and enough experts
-    per call to keep the threads busy."""
+    """CPU float32 SwiGLU experts with contiguous weights, oneDNN in use, the kernels built,
+    and enough experts per call to keep the threads busy."""
     return (ENABLED and act.name == "swiglu" and gemm.onednn_takes(x_TD) and x_TD.dtype == torch.float32
             and w_in_END.dtype == torch.float32 and w_out_EDF.dtype == torch.float32
-            and w_in_END.device.type == "cpu" and enough_experts(counts, chunk_rows(x_TD, w_in_END.shape[1]))
+            and w_in_END.device.type == "cpu" and w_in_END.is_contiguous() and w_out_EDF.is_contiguous()
+            and enough_experts(counts, chunk_rows(x_TD, w_in_END.shape[1]))
             and ext.available())
 
 
@@ -97,7 +98,7 @@ class _ByExpertFFN(torch.autograd.Function):
         out = x_TD.new_empty(min(max(1, token_idx_R.shape[0]), chunks[0][1] if chunks else 1), x_TD.shape[1])
         empty, hs = x_TD.new_empty(0), []
         for r0, r1, seg in chunks:
-            tok = token_idx_R[r0:r1]
+            tok = token_idx_R[r0:r1].contiguous()
             h_nN = x_TD.new_empty(r1 - r0, N) if keep_h else empty
             ext.op("expert_bank_fwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, out[: r1 - r0],
                                       h_nN, STEP)
@@ -121,7 +122,7 @@ class _ByExpertFFN(torch.autograd.Function):
         dx_rows = x_TD.new_empty(rows, x_TD.shape[1]) if need_x else empty
         touched = torch.zeros(w_in_END.shape[0], dtype=torch.bool)
         for (r0, r1, seg), h_nN in zip(ctx.chunks, hs, strict=True):
-            n, tok = r1 - r0, token_idx_R[r0:r1]
+            n, tok = r1 - r0, token_idx_R[r0:r1].contiguous()
             ext.op("expert_bank_bwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, h_nN, dy_TD,
                                       dx_rows[:n] if need_x else empty, dw_R[r0:r1] if need_w else empty,
                                       dw_in, dw_out, STEP)

@@ -12,6 +12,10 @@ and the routing weight, and writes the expert's output rows; the chunk's rows ar
 added into y by the column-split row kernel (ops/rows.py). The backward does the same
 per expert: dy · W_out, the SwiGLU backward, both weight gradients and dx rows.
 
+Memory: each thread keeps its buffers for the next call (about
+(largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per
+thread on the fine layer); they only grow.
+
 Every expert's products run on one thread in a fixed order, so results do not depend
 on the thread count or the scheduling (exact resume stays exact). grouped.py's loop
 is the reference; tests/test_by_expert.py holds the parity tests.

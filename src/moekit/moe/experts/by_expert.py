@@ -28,6 +28,7 @@ import os
 import torch
 
 from moekit.moe.experts.activations import Activation
+from moekit.moe.experts.chunks import plan_chunks
 from moekit.moe.types import DispatchPlan
 from moekit.ops import ext, gemm, grad_pool
 from moekit.ops import rows as row_ops
@@ -71,19 +72,13 @@ def plan_segments(counts: list[int], max_rows: int) -> list[tuple[int, int, torc
     (expert, start, end, first-write) with rows relative to the chunk. A chunk holds at
     most max_rows rows and at most one segment per expert; first-write marks an expert's
     first segment (its weight gradients are written there and added to after)."""
-    chunks, segs, r0, n = [], [], 0, 0
-    for e, c in enumerate(counts):
-        first = True
-        while c > 0:
-            take = min(c, max_rows - n)
-            segs.append((e, n, n + take, int(first)))
-            first, n, c = False, n + take, c - take
-            if n == max_rows:
-                chunks.append((r0, r0 + n, torch.tensor(segs, dtype=torch.int64)))
-                r0, n, segs = r0 + n, 0, []
-    if n:
-        chunks.append((r0, r0 + n, torch.tensor(segs, dtype=torch.int64)))
-    return chunks
+    seen: set[int] = set()
+    out = []
+    for r0, r1, segs in plan_chunks(counts, max_rows):
+        rows = [(e, s, t, int(e not in seen)) for e, s, t in segs]
+        seen.update(e for e, _, _ in segs)
+        out.append((r0, r1, torch.tensor(rows, dtype=torch.int64)))
+    return out
 
 
 def chunk_rows(x_TD: torch.Tensor, n_in: int) -> int:
@@ -107,8 +102,9 @@ class _ByExpertFFN(torch.autograd.Function):
             ext.op("expert_bank_fwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, out[: r1 - r0],
                                       h_nN, STEP)
             row_ops.index_add_(y_TD, tok, out[: r1 - r0])
-            hs.append(h_nN)
-        ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, w_R, token_idx_R, *(hs if keep_h else []))
+            if keep_h:
+                hs.append(h_nN)
+        ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, w_R, token_idx_R, *hs)
         ctx.chunks, ctx.weights_dtype = chunks, weights_R.dtype
         return y_TD
 

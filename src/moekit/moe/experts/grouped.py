@@ -40,6 +40,7 @@ import torch
 
 from moekit.moe.experts import by_expert, decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
+from moekit.moe.experts.chunks import Segments, plan_chunks
 from moekit.moe.types import DispatchPlan
 from moekit.ops import gemm, grad_pool, swiglu
 from moekit.ops import rows as row_ops
@@ -52,29 +53,6 @@ CHUNK_BYTES = 4 * 2**20
 MIN_ROWS = 1024
 # and never a buffer past glibc's 32 MiB mmap threshold (fresh pages fault in every call)
 MAX_BUFFER_BYTES = 30 * 2**20
-
-Segments = list[tuple[int, int, int]]  # (expert, row start, row end) inside a chunk
-
-
-def plan_chunks(counts: list[int], max_rows: int, one_expert: bool = False
-                ) -> list[tuple[int, int, Segments]]:
-    """Split expert-sorted rows into chunks of at most max_rows rows; with one_expert,
-    a chunk never holds rows of two experts (see _padded_path)."""
-    chunks: list[tuple[int, int, Segments]] = []
-    segs: Segments = []
-    r0 = n = 0
-    for e, c in enumerate(counts):
-        while c > 0:
-            take = min(c, max_rows - n)
-            segs.append((e, n, n + take))
-            n, c = n + take, c - take
-            if n == max_rows or (one_expert and c == 0):
-                chunks.append((r0, r0 + n, segs))
-                r0, n, segs = r0 + n, 0, []
-    if n:
-        chunks.append((r0, r0 + n, segs))
-    return chunks
-
 
 def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
     if x.is_cuda:  # the mmap-threshold argument is a CPU one; fewer, larger GEMMs on GPU

@@ -16,6 +16,7 @@ from torch import nn
 from moekit.layers import Linear
 from moekit.models.kv_cache import KVCache
 from moekit.models.rope import RopeTables, apply_rope
+from moekit.ops import attention as fused_attention
 from moekit.registry import Registry
 
 ATTENTIONS: Registry[type[nn.Module]] = Registry("attention")
@@ -59,18 +60,25 @@ class GroupedQueryAttention(nn.Module):
         q_BHSd = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k_BGSd = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSd = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSd, k_BGSd = apply_rope(q_BHSd, rope), apply_rope(k_BGSd, rope)
-        if kv_cache is not None:
-            k_BGSd, v_BGSd = kv_cache.update(self.layer_idx, k_BGSd, v_BGSd)  # now L keys
-        y_BHSd = self._attend(q_BHSd, k_BGSd, v_BGSd)
+        if kv_cache is None and fused_attention.applies(q_BHSd, k_BGSd, self._dropout_p()):
+            # training and cache-free forwards on CPU: RoPE + causal attention in one kernel
+            y_BHSd = fused_attention.attend(q_BHSd, k_BGSd, v_BGSd, rope)
+        else:
+            q_BHSd, k_BGSd = apply_rope(q_BHSd, rope), apply_rope(k_BGSd, rope)
+            if kv_cache is not None:
+                k_BGSd, v_BGSd = kv_cache.update(self.layer_idx, k_BGSd, v_BGSd)  # now L keys
+            y_BHSd = self._attend(q_BHSd, k_BGSd, v_BGSd)
         return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
 
     def _attend(self, q_BHSd, k_BGLd, v_BGLd) -> torch.Tensor:
         S, L = q_BHSd.shape[2], k_BGLd.shape[2]
         mask = None if S == L else causal_mask(S, L, q_BHSd.device)
         return F.scaled_dot_product_attention(
             q_BHSd, k_BGLd, v_BGLd, attn_mask=mask, is_causal=(S == L and S > 1),
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self._dropout_p(),
             enable_gqa=self.n_kv_heads != self.n_heads)
 
 

@@ -1,0 +1,138 @@
+"""The fused RoPE + causal attention kernel (ops/attention.py, ops/csrc/attention.cpp)
+against its reference (RoPE, then torch's SDPA) run in float64: output and the gradients
+of q, k and v, over head dims, GQA groupings, lengths that are not multiples of the
+kernel's tiles, with and without rotation or causality; bit-identical results for 1 and
+2 threads; where it refuses to run; and the attention module with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.models import MoELM, get_preset
+from moekit.models.rope import RopeTables, RotaryEmbedding
+from moekit.ops import attention, ext
+
+pytestmark = pytest.mark.skipif(not ext.available(), reason="needs the C++ kernels")
+
+
+def _inputs(B, H, G, S, d, seed=0):
+    """q, k, v as the module makes them: (B, S, heads, d) memory viewed as (B, heads, S, d)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, d, generator=g).transpose(1, 2)
+    k = torch.randn(B, S, G, d, generator=g).transpose(1, 2)
+    v = torch.randn(B, S, G, d, generator=g).transpose(1, 2)
+    return q, k, v
+
+
+def _tables(d, S, dtype=torch.float32) -> RopeTables:
+    r = RotaryEmbedding(d, 512, 10000.0)(0, S)
+    return RopeTables(r.cos_SH.to(dtype), r.sin_SH.to(dtype))
+
+
+def _grads(fn, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    y = fn(*leaves)
+    return (y.detach(), *torch.autograd.grad(y, leaves, do))
+
+
+@pytest.mark.parametrize("B,H,G,S,d", [(2, 4, 4, 37, 32), (1, 8, 2, 130, 64), (3, 2, 1, 9, 16),
+                                       (1, 2, 2, 1, 32), (1, 4, 4, 300, 128), (2, 6, 3, 64, 48)])
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_fp64_reference(B, H, G, S, d, rope, causal):
+    q, k, v = _inputs(B, H, G, S, d)
+    do = torch.randn(B, H, S, d, generator=torch.Generator().manual_seed(1))
+    tables = _tables(d, S) if rope else None
+    assert attention.applies(q, k, 0.0)
+    got = _grads(lambda *t: attention._Attention.apply(*t, *attention._tables(tables), causal), q, k, v, do)
+    ref64 = _tables(d, S, torch.float64) if rope else None
+    want = _grads(lambda *t: attention.reference(*t, ref64, causal), q.double(), k.double(), v.double(),
+                  do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = (a.double() - b).abs().max().item()
+        assert err <= 2e-5 * max(1.0, b.abs().max().item()), f"{name}: max error {err}"
+
+
+def test_output_and_gradients_keep_the_projection_layout():
+    """The output lies in (B, S, H, d) memory (the output projection reads it without a
+    copy) and each gradient has the strides of its input."""
+    q, k, v = _inputs(2, 4, 2, 20, 32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = attention.attend(*leaves, _tables(32, 20))
+    assert y.transpose(1, 2).is_contiguous()
+    y.backward(torch.randn_like(y))
+    for t in leaves:
+        assert t.grad.stride() == t.stride()
+
+
+def test_result_does_not_depend_on_thread_count():
+    q, k, v = _inputs(3, 4, 2, 77, 32, seed=3)
+    do = torch.randn(3, 4, 77, 32)
+    fn = lambda *t: attention.attend(*t, _tables(32, 77))  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(fn, q, k, v, do)
+        torch.set_num_threads(2)
+        two = _grads(fn, q, k, v, do)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_refuses_what_it_cannot_compute():
+    q, k, _ = _inputs(1, 4, 4, 16, 32)
+    assert attention.applies(q, k, 0.0)
+    assert not attention.applies(q, k, 0.1)  # dropout
+    assert not attention.applies(q.double(), k.double(), 0.0)
+    assert not attention.applies(q[..., :24], k[..., :24], 0.0)  # head dim not a multiple of 16
+    assert not attention.applies(q[:, :, :4], k, 0.0)  # queries after cached keys
+    long_q, long_k, _ = _inputs(1, 1, 1, attention.MAX_LEN + 1, 16)
+    assert not attention.applies(long_q, long_k, 0.0)
+    assert not attention.applies(q, k[:, :3], 0.0)  # 4 query heads over 3 kv heads
+
+
+def test_kernel_rejects_bad_inputs():
+    q, k, v = _inputs(1, 4, 4, 16, 32)
+    o, lse = torch.empty_like(q), torch.empty(1, 4, 16)
+    empty = torch.empty(0)
+    op = ext.op("attention_fwd")
+    with pytest.raises(RuntimeError, match="head dim"):
+        op(q[..., :24], k[..., :24], v[..., :24], empty, empty, empty, empty, o[..., :24], lse, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        op(q, k[:, :3], v[:, :3], empty, empty, empty, empty, o, lse, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="causal offset"):
+        op(q, k, v, empty, empty, empty, empty, o, lse, 1.0, 3, True)
+    with pytest.raises(RuntimeError, match="rope tables"):
+        bad = torch.ones(15, 32)
+        op(q, k, v, bad, bad, bad, bad, o, lse, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k.double(), v.double(), empty, empty, empty, empty, o, lse, 1.0, 0, True)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mixtral-like"])
+def test_model_attention_same_with_and_without_kernel(preset, monkeypatch):
+    """A model's attention block: the kernel path against the RoPE + SDPA path (GQA in
+    mixtral-like), outputs and every parameter gradient."""
+    torch.manual_seed(0)
+    model = MoELM(get_preset(preset, 260).replace(n_layers=1))
+    attn = model.layers[0].attn
+    x = torch.randn(2, 50, model.cfg.d_model)
+    rope = model.rope(0, 50)
+
+    def run():
+        for p in attn.parameters():
+            p.grad = None
+        y = attn(x, rope)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        return y.detach(), [p.grad.clone() for p in attn.parameters()]
+
+    monkeypatch.setattr(attention, "ENABLED", True)
+    y1, g1 = run()
+    monkeypatch.setattr(attention, "ENABLED", False)
+    y0, g0 = run()
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""moekit's C++ kernels (ops/topk.py, ops/swiglu.py) against the torch calls they replace,
+"""moekit's C++ kernels (ops/topk.py, ops/swiglu.py, ops/attention.py) against the torch calls they replace,
 on the shapes of benchmarks/layer.py's configs, in one process.
 
     python benchmarks/kernels.py [--threads 2]
@@ -9,6 +9,8 @@ kernels; benchmarks/ab.py measures them inside the layer.
   swiglu  one expert's m x F activations (routing weights applied): forward =
           silu(g)·u·w, backward = dh, a·w and <u_bar, a> together; the kernel vs the
           torch ops moekit ran before it (3 and 8 passes)
+  attention  RoPE + causal attention of (B, heads, S, d) q, k, v (GQA where kv heads < heads),
+          forward (no grad) and forward+backward: the kernel vs its reference, RoPE + SDPA
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import time
 
 import torch
 
-from moekit.ops import ext, swiglu, topk
+from moekit.models.rope import RotaryEmbedding
+from moekit.ops import attention, ext, swiglu, topk
 
 
 def median_us(fn, n: int = 50) -> float:
@@ -75,6 +78,29 @@ def bench_swiglu() -> None:
         print(swiglu_row(m, F))
 
 
+def attention_row(B: int, H: int, G: int, S: int, d: int) -> str:
+    rope = RotaryEmbedding(d, S, 10000.0)(0, S)
+    q = torch.randn(B, S, H, d).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(B, S, G, d).transpose(1, 2).requires_grad_() for _ in range(2))
+    do = torch.randn(B, H, S, d)
+
+    def fwd(fn):
+        with torch.no_grad():
+            fn(q, k, v, rope)
+
+    def fb(fn):
+        torch.autograd.grad(fn(q, k, v, rope), (q, k, v), do)
+    cells = [median_us(lambda f=f, fn=fn: f(fn), n=10) / 1e3 for f in (fwd, fb)
+             for fn in (attention.attend, attention.reference)]
+    return f"{str((B, H, G, S, d)):24s}" + "".join(f"{c:10.2f}" for c in cells)
+
+
+def bench_attention() -> None:
+    print(f"\n{'attention (B,H,G,S,d)':24s}{'fwd kern':>10s}{'fwd ref':>10s}{'fb kern':>10s}{'fb ref':>10s}  (ms)")
+    for shape in [(16, 4, 4, 128, 32), (8, 8, 2, 256, 64), (4, 8, 8, 512, 64), (2, 8, 8, 1024, 128)]:
+        print(attention_row(*shape))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -85,6 +111,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32")
     bench_topk()
     bench_swiglu()
+    bench_attention()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from moekit.ops import ext
 
 # longest sequence the kernel takes: each thread keeps k, v and their transposes for
 # MAX_LEN positions (4 x MAX_LEN x d floats) and each query row's MAX_LEN scores
-MAX_LEN = 1024
+MAX_LEN = 512
 LANES = 16  # the kernel's head dim must be a multiple of this
 ENABLED = os.environ.get("MOEKIT_ATTENTION_KERNEL", "1") != "0"
 

@@ -218,3 +218,29 @@ def test_checkpoint_of_another_shape_is_rejected(tmp_path):
                                                   "n_kv_heads": 2, "max_seq_len": 32}, seq_len=16), 259))
     with pytest.raises((ValueError, RuntimeError)):
         load_checkpoint(path, other)
+
+
+def test_a_kill_while_pruning_leaves_no_broken_step_folder(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint to a temp name before deleting it: a deletion cut short
+    (here: the first file removed, then the process 'dies') leaves only a temp folder,
+    which the next save clears; every step_ folder stays complete."""
+    from moekit.training import checkpoint as ckpt
+
+    model = MoELM(model_config(TrainConfig(), 259))
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        ckpt.save_checkpoint(root, step, model, {}, {"step": step}, keep_last=2)
+
+    def dies_midway(path, ignore_errors=False):  # noqa: ARG001
+        next(p for p in Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 3, model, {}, {"step": 3}, keep_last=2)
+    steps = sorted(d for d in root.iterdir() if d.name.startswith("step_"))
+    assert [d.name for d in steps] == ["step_00000002", "step_00000003"]
+    assert all(ckpt.is_valid(d) for d in steps)
+    monkeypatch.undo()
+    ckpt.save_checkpoint(root, 4, model, {}, {"step": 4}, keep_last=2)
+    assert sorted(d.name for d in root.iterdir()) == ["step_00000003", "step_00000004"]

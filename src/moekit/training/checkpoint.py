@@ -70,7 +70,7 @@ def save_checkpoint(root: str | Path, step: int, model, tensors: dict[str, torch
     _fsync(tmp)
     final = step_dir(root, step)
     if final.exists():  # a stale copy of this step from a run that was resumed earlier
-        shutil.rmtree(final)
+        discard(final)
     os.replace(tmp, final)
     _fsync(root)
     prune(root, keep_last)
@@ -114,7 +114,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def prune(root: Path, keep_last: int) -> None:
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
+
+
+def discard(ckpt: Path) -> None:
+    """Delete a checkpoint folder: renamed to a temp name first (atomic), so a kill during
+    the deletion leaves a temp folder that the next save clears, never a step_ folder
+    with some of its files gone."""
+    doomed = ckpt.with_name(f".tmp-{ckpt.name}-old-{os.getpid()}")
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_temp_dirs(root: Path) -> None:

@@ -11,6 +11,8 @@ kernels; benchmarks/ab.py measures them inside the layer.
           torch ops moekit ran before it (3 and 8 passes)
   attention  RoPE + causal attention of (B, heads, S, d) q, k, v (GQA where kv heads < heads),
           forward (no grad) and forward+backward: the kernel vs its reference, RoPE + SDPA
+          (the kernel is called directly, also past ops/attention.py's MAX_LEN: the last
+          shape shows why it stops there)
 """
 
 from __future__ import annotations
@@ -80,18 +82,19 @@ def bench_swiglu() -> None:
 
 def attention_row(B: int, H: int, G: int, S: int, d: int) -> str:
     rope = RotaryEmbedding(d, S, 10000.0)(0, S)
+    tables = (rope.cos_SH, rope.sin_SH)
     q = torch.randn(B, S, H, d).transpose(1, 2).requires_grad_()
     k, v = (torch.randn(B, S, G, d).transpose(1, 2).requires_grad_() for _ in range(2))
     do = torch.randn(B, H, S, d)
 
     def fwd(fn):
         with torch.no_grad():
-            fn(q, k, v, rope)
+            fn(q, k, v, *tables)
 
     def fb(fn):
-        torch.autograd.grad(fn(q, k, v, rope), (q, k, v), do)
+        torch.autograd.grad(fn(q, k, v, *tables), (q, k, v), do)
     cells = [median_us(lambda f=f, fn=fn: f(fn), n=10) / 1e3 for f in (fwd, fb)
-             for fn in (attention.attend, attention.reference)]
+             for fn in (attention.kernel, attention.reference)]
     return f"{str((B, H, G, S, d)):24s}" + "".join(f"{c:10.2f}" for c in cells)
 
 

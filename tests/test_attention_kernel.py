@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moekit.models import MoELM, get_preset
-from moekit.models.rope import RopeTables, RotaryEmbedding
+from moekit.models.rope import RotaryEmbedding
 from moekit.ops import attention, ext
 
 pytestmark = pytest.mark.skipif(not ext.available(), reason="needs the C++ kernels")
@@ -25,9 +25,9 @@ def _inputs(B, H, G, S, d, seed=0):
     return q, k, v
 
 
-def _tables(d, S, dtype=torch.float32) -> RopeTables:
+def _tables(d, S, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     r = RotaryEmbedding(d, 512, 10000.0)(0, S)
-    return RopeTables(r.cos_SH.to(dtype), r.sin_SH.to(dtype))
+    return r.cos_SH.to(dtype), r.sin_SH.to(dtype)
 
 
 def _grads(fn, q, k, v, do):
@@ -43,11 +43,11 @@ def _grads(fn, q, k, v, do):
 def test_kernel_matches_fp64_reference(B, H, G, S, d, rope, causal):
     q, k, v = _inputs(B, H, G, S, d)
     do = torch.randn(B, H, S, d, generator=torch.Generator().manual_seed(1))
-    tables = _tables(d, S) if rope else None
+    tables = _tables(d, S) if rope else (None, None)
     assert attention.applies(q, k, 0.0)
-    got = _grads(lambda *t: attention._Attention.apply(*t, *attention._tables(tables), causal), q, k, v, do)
-    ref64 = _tables(d, S, torch.float64) if rope else None
-    want = _grads(lambda *t: attention.reference(*t, ref64, causal), q.double(), k.double(), v.double(),
+    got = _grads(lambda *t: attention.kernel(*t, *tables, causal), q, k, v, do)
+    ref64 = _tables(d, S, torch.float64) if rope else (None, None)
+    want = _grads(lambda *t: attention.reference(*t, *ref64, causal), q.double(), k.double(), v.double(),
                   do.double())
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         err = (a.double() - b).abs().max().item()
@@ -59,7 +59,7 @@ def test_output_and_gradients_keep_the_projection_layout():
     copy) and each gradient has the strides of its input."""
     q, k, v = _inputs(2, 4, 2, 20, 32)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    y = attention.attend(*leaves, _tables(32, 20))
+    y = attention.attend(*leaves, *_tables(32, 20))
     assert y.transpose(1, 2).is_contiguous()
     y.backward(torch.randn_like(y))
     for t in leaves:
@@ -69,7 +69,7 @@ def test_output_and_gradients_keep_the_projection_layout():
 def test_result_does_not_depend_on_thread_count():
     q, k, v = _inputs(3, 4, 2, 77, 32, seed=3)
     do = torch.randn(3, 4, 77, 32)
-    fn = lambda *t: attention.attend(*t, _tables(32, 77))  # noqa: E731
+    fn = lambda *t: attention.attend(*t, *_tables(32, 77))  # noqa: E731
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

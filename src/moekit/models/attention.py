@@ -62,7 +62,7 @@ class GroupedQueryAttention(nn.Module):
         v_BGSd = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is None and fused_attention.applies(q_BHSd, k_BGSd, self._dropout_p()):
             # training and cache-free forwards on CPU: RoPE + causal attention in one kernel
-            y_BHSd = fused_attention.attend(q_BHSd, k_BGSd, v_BGSd, rope)
+            y_BHSd = fused_attention.kernel(q_BHSd, k_BGSd, v_BGSd, rope.cos_SH, rope.sin_SH)
         else:
             q_BHSd, k_BGSd = apply_rope(q_BHSd, rope), apply_rope(k_BGSd, rope)
             if kv_cache is not None:

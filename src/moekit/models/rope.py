@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit.ops.rope import rotate
+
 
 @dataclass(frozen=True)
 class RopeTables:
@@ -35,12 +37,6 @@ class RotaryEmbedding(nn.Module):
         return RopeTables(self.cos_SH[start : start + length], self.sin_SH[start : start + length])
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-
-
 def apply_rope(x_BHSd: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-    """x · cos + rotate_half(x) · sin, computed in x's dtype (fp32 tables cast once)."""
-    cos, sin = rope.cos_SH.to(x_BHSd.dtype), rope.sin_SH.to(x_BHSd.dtype)
-    return x_BHSd * cos + _rotate_half(x_BHSd) * sin
+    """x · cos + rotate_half(x) · sin, computed in x's dtype (ops/rope.py)."""
+    return rotate(x_BHSd, rope.cos_SH, rope.sin_SH)

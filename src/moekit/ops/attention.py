@@ -1,10 +1,11 @@
 """Causal attention with the rotary embedding inside, for short sequences on CPU float32:
 csrc/attention.cpp, with the torch reference beside it.
 
-    attend(q_BHSd, k_BGLd, v_BGLd, rope, causal) = SDPA(rot(q), rot(k), v)
+    attend(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal) = SDPA(rot(q), rot(k), v)
 
 q, k, v come before the rotation (the projections' outputs as (B, heads, S, d) views);
-rope is a RopeTables for the S positions (or None: no rotation). The kernel writes the
+cos_SD, sin_SD are the rotary tables for the S positions (models/rope.py), or None for
+no rotation. The kernel writes the
 output in (B, S, H, d) memory, so the output projection reads it without a copy.
 
 Why a kernel: see csrc/attention.cpp. In a training step of the `tiny` preset (d 128,
@@ -22,8 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moekit.models.rope import RopeTables, apply_rope
 from moekit.ops import ext
+from moekit.ops.rope import rotate
 
 # longest sequence the kernel takes: each thread keeps k, v and their transposes for
 # MAX_LEN positions (4 x MAX_LEN x d floats) and each query row's MAX_LEN scores
@@ -41,27 +42,28 @@ def applies(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, dropout_p: float) -> boo
             and q_BHSd.shape[1] % k_BGLd.shape[1] == 0 and ext.available())
 
 
-def attend(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, rope: RopeTables | None,
-           causal: bool = True) -> torch.Tensor:
+def attend(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, cos_SD: torch.Tensor | None,
+           sin_SD: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
     """The kernel where `applies`, else the reference."""
     if applies(q_BHSd, k_BGLd, 0.0):
-        return _Attention.apply(q_BHSd, k_BGLd, v_BGLd, *_tables(rope), causal)
-    return reference(q_BHSd, k_BGLd, v_BGLd, rope, causal)
+        return kernel(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal)
+    return reference(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal)
 
 
-def reference(q_BHSd, k_BGLd, v_BGLd, rope: RopeTables | None, causal: bool = True) -> torch.Tensor:
+def kernel(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal: bool = True) -> torch.Tensor:
+    """The kernel alone, for callers that already checked `applies`."""
+    if cos_SD is None:
+        cos_SD = sin_SD = q_BHSd.new_empty(0)
+    return _Attention.apply(q_BHSd, k_BGLd, v_BGLd, cos_SD.float().contiguous(), sin_SD.float().contiguous(),
+                            causal)
+
+
+def reference(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal: bool = True) -> torch.Tensor:
     """models/attention.py's path: rotate, then torch's SDPA (GQA by head groups)."""
-    if rope is not None:
-        q_BHSd, k_BGLd = apply_rope(q_BHSd, rope), apply_rope(k_BGLd, rope)
+    if cos_SD is not None:
+        q_BHSd, k_BGLd = rotate(q_BHSd, cos_SD, sin_SD), rotate(k_BGLd, cos_SD, sin_SD)
     return F.scaled_dot_product_attention(q_BHSd, k_BGLd, v_BGLd, is_causal=causal,
                                           enable_gqa=k_BGLd.shape[1] != q_BHSd.shape[1])
-
-
-def _tables(rope: RopeTables | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if rope is None:
-        empty = torch.empty(0)
-        return empty, empty
-    return rope.cos_SH.float().contiguous(), rope.sin_SH.float().contiguous()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from moekit import MoEConfig, MoELayer
 from moekit.layers import Linear, linear
 from moekit.moe.experts import grouped
-from moekit.ops import gemm
+from moekit.ops import ext, gemm
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="torch built without oneDNN")
 F32 = dict(atol=1e-5, rtol=1e-5)
@@ -58,6 +58,27 @@ def test_onednn_strided_operands():
     with gemm.backend("onednn"):
         _close64(gemm.mm(h[:, 24:], w), h[:, 24:].double() @ w.double())
         _close64(gemm.mm(h[:, :24].t(), x), h[:, :24].double().T @ x.double())
+
+
+@pytest.mark.skipif(not ext.available(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("M,N", [(2048, 128), (37, 19), (16, 16), (15, 40), (1, 5), (64, 1), (0, 7)])
+def test_transpose_kernel_equals_contiguous(M, N):
+    """csrc/transpose.cpp: exact, whole tiles and ragged edges, and a source whose rows
+    are longer than their used part (a column slice)."""
+    src = torch.randn(M, N + 3)[:, 1 : 1 + N]  # row stride N + 3
+    out = torch.full((N, M), float("nan"))
+    ext.op("transpose_into")(src, out)
+    assert torch.equal(out, src.t().contiguous())
+    assert torch.equal(gemm._row_major(src.t()), src.t().contiguous())
+
+
+def test_row_major_leaves_other_layouts_alone():
+    a = torch.randn(6, 5)
+    assert gemm._row_major(a) is a  # already rows
+    t64 = a.double().t()
+    assert gemm._row_major(t64) is t64  # other dtypes: oneDNN copies them itself
+    col = a[:, 1:2]  # (6, 1): stride (5, 1), rows already contiguous
+    assert gemm._row_major(col) is col
 
 
 @needs_onednn

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from moekit.ops import rowmv
+from moekit.ops import ext, rowmv
 
 BACKENDS = ("auto", "onednn", "torch")
 MIN_MACS = 1 << 20  # below this many multiply-adds torch's MKL call is the quicker one
@@ -113,6 +113,18 @@ def _onednn_applies(a_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
     return _backend == "onednn" or a_MK.shape[0] * w_NK.shape[0] * w_NK.shape[1] >= MIN_MACS
 
 
+def _row_major(a_MK: torch.Tensor) -> torch.Tensor:
+    """a in contiguous rows, as oneDNN wants its left operand (it copies any other layout
+    itself, with torch's copy_). A transposed view, as in a weight gradient dyᵀ · x, goes
+    through csrc/transpose.cpp: 2048 x 128 in 0.05 ms vs copy_'s 0.13 at one thread
+    (17 such copies in a `tiny` training step)."""
+    if a_MK.stride(-1) == 1 or a_MK.stride(0) != 1 or a_MK.dtype != torch.float32 or not ext.available():
+        return a_MK
+    out_MK = a_MK.new_empty(a_MK.shape)
+    ext.op("transpose_into")(a_MK.t(), out_MK)
+    return out_MK
+
+
 def linear(a_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """a · wᵀ (+ bias): (M, K) × (N, K) -> (M, N), written into out when given."""
@@ -122,7 +134,7 @@ def linear(a_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None =
             y_MN.add_(bias_N)
         return y_MN if out is None else out.copy_(y_MN)
     if _onednn_applies(a_MK, w_NK) and (bias_N is None or bias_N.dtype == a_MK.dtype):
-        y_MN = _ONEDNN_LINEAR(a_MK, w_NK, bias_N, "none", [], "")
+        y_MN = _ONEDNN_LINEAR(_row_major(a_MK), w_NK, bias_N, "none", [], "")
         return y_MN if out is None else out.copy_(y_MN)
     if bias_N is not None:
         y_MN = torch.nn.functional.linear(a_MK, w_NK, bias_N)
@@ -140,5 +152,5 @@ def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) 
 def addmm_(c_MN: torch.Tensor, a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     """c += a · b in place."""
     if _onednn_applies(a_MK, b_KN.t()):
-        return c_MN.add_(_ONEDNN_LINEAR(a_MK, b_KN.t(), None, "none", [], ""))
+        return c_MN.add_(_ONEDNN_LINEAR(_row_major(a_MK), b_KN.t(), None, "none", [], ""))
     return c_MN.addmm_(a_MK, b_KN)

@@ -54,6 +54,27 @@ def test_kernel_matches_fp64_reference(B, H, G, S, d, rope, causal):
         assert err <= 2e-5 * max(1.0, b.abs().max().item()), f"{name}: max error {err}"
 
 
+@pytest.mark.parametrize("B,H,G,S,d", [(2, 4, 4, 37, 32), (1, 8, 2, 130, 64), (3, 2, 1, 9, 16)])
+def test_fused_qkv_matches_fp64_reference(B, H, G, S, d):
+    """attend_qkv on one (B, S, (H + 2G)·d) projection output: output (B, S, H·d) and the
+    one gradient it writes for q, k and v together, against the reference on the split."""
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(B, S, (H + 2 * G) * d, generator=gen)
+    do = torch.randn(B, S, H * d, generator=gen)
+    cos, sin = _tables(d, S)
+    leaf = qkv.clone().requires_grad_()
+    y = attention.attend_qkv(leaf, H, G, cos, sin)
+    (dqkv,) = torch.autograd.grad(y, leaf, do)
+    assert y.shape == (B, S, H * d) and dqkv.is_contiguous()
+    leaf64 = qkv.double().requires_grad_()
+    q, k, v = attention.split_qkv(leaf64, H, G)
+    y64 = attention.reference(q, k, v, *_tables(d, S, torch.float64)).transpose(1, 2).reshape(B, S, H * d)
+    (dqkv64,) = torch.autograd.grad(y64, leaf64, do.double())
+    for name, a, b in (("out", y, y64), ("dqkv", dqkv, dqkv64)):
+        err = (a.double() - b).abs().max().item()
+        assert err <= 2e-5 * max(1.0, b.abs().max().item()), f"{name}: max error {err}"
+
+
 def test_output_and_gradients_keep_the_projection_layout():
     """The output lies in (B, S, H, d) memory (the output projection reads it without a
     copy) and each gradient has the strides of its input."""
@@ -129,10 +150,15 @@ def test_model_attention_same_with_and_without_kernel(preset, monkeypatch):
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
         return y.detach(), [p.grad.clone() for p in attn.parameters()]
 
+    calls = []
+    fused = attention.attend_qkv
+    monkeypatch.setattr(attention, "attend_qkv", lambda *a, **k: calls.append(1) or fused(*a, **k))
     monkeypatch.setattr(attention, "ENABLED", True)
     y1, g1 = run()
+    assert calls, "the kernel path did not run"
     monkeypatch.setattr(attention, "ENABLED", False)
     y0, g0 = run()
+    assert len(calls) == 1
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

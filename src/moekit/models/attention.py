@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.layers import Linear
+from moekit.layers import Linear, linear
 from moekit.models.kv_cache import KVCache
 from moekit.models.rope import RopeTables, apply_rope
 from moekit.ops import attention as fused_attention
@@ -57,17 +57,21 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope: RopeTables, kv_cache: KVCache | None = None
                 ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
+        if kv_cache is None and fused_attention.applies_to_projection(
+                x_BSD, self.q_proj.weight, self.head_dim, self._dropout_p()):
+            # training and cache-free forwards on CPU: one product for q, k and v, then RoPE
+            # + causal attention in one kernel, which hands back one gradient for all three
+            w_XD = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            y_BSY = fused_attention.attend_qkv(linear(x_BSD, w_XD), self.n_heads, self.n_kv_heads,
+                                               rope.cos_SH, rope.sin_SH)
+            return self.o_proj(y_BSY)
         q_BHSd = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k_BGSd = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSd = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if kv_cache is None and fused_attention.applies(q_BHSd, k_BGSd, self._dropout_p()):
-            # training and cache-free forwards on CPU: RoPE + causal attention in one kernel
-            y_BHSd = fused_attention.kernel(q_BHSd, k_BGSd, v_BGSd, rope.cos_SH, rope.sin_SH)
-        else:
-            q_BHSd, k_BGSd = apply_rope(q_BHSd, rope), apply_rope(k_BGSd, rope)
-            if kv_cache is not None:
-                k_BGSd, v_BGSd = kv_cache.update(self.layer_idx, k_BGSd, v_BGSd)  # now L keys
-            y_BHSd = self._attend(q_BHSd, k_BGSd, v_BGSd)
+        q_BHSd, k_BGSd = apply_rope(q_BHSd, rope), apply_rope(k_BGSd, rope)
+        if kv_cache is not None:
+            k_BGSd, v_BGSd = kv_cache.update(self.layer_idx, k_BGSd, v_BGSd)  # now L keys
+        y_BHSd = self._attend(q_BHSd, k_BGSd, v_BGSd)
         return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
     def _dropout_p(self) -> float:

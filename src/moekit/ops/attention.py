@@ -36,10 +36,20 @@ ENABLED = os.environ.get("MOEKIT_ATTENTION_KERNEL", "1") != "0"
 def applies(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, dropout_p: float) -> bool:
     """CPU float32, a full causal square (no cached keys), a head dim the kernel tiles,
     at most MAX_LEN positions, no dropout, and the kernels built."""
-    S, d = q_BHSd.shape[2], q_BHSd.shape[3]
-    return (ENABLED and dropout_p == 0.0 and q_BHSd.device.type == "cpu" and q_BHSd.dtype == torch.float32
-            and k_BGLd.dtype == torch.float32 and k_BGLd.shape[2] == S and 0 < S <= MAX_LEN and d % LANES == 0
-            and q_BHSd.shape[1] % k_BGLd.shape[1] == 0 and ext.available())
+    return (k_BGLd.dtype == q_BHSd.dtype and k_BGLd.shape[2] == q_BHSd.shape[2]
+            and q_BHSd.shape[1] % k_BGLd.shape[1] == 0
+            and _takes(q_BHSd, q_BHSd.shape[2], q_BHSd.shape[3], dropout_p))
+
+
+def applies_to_projection(x_BSD: torch.Tensor, w_XD: torch.Tensor, head_dim: int, dropout_p: float) -> bool:
+    """`applies` for the q/k/v of a fused projection x · wᵀ not computed yet (attend_qkv)."""
+    return (w_XD.dtype == x_BSD.dtype and not torch.is_autocast_enabled(x_BSD.device.type)
+            and _takes(x_BSD, x_BSD.shape[1], head_dim, dropout_p))
+
+
+def _takes(x: torch.Tensor, S: int, d: int, dropout_p: float) -> bool:
+    return (ENABLED and dropout_p == 0.0 and x.device.type == "cpu" and x.dtype == torch.float32
+            and 0 < S <= MAX_LEN and d % LANES == 0 and ext.available())
 
 
 def attend(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, cos_SD: torch.Tensor | None,
@@ -58,6 +68,29 @@ def kernel(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal: bool = True) -> torch
                             causal)
 
 
+def attend_qkv(qkv_BSX: torch.Tensor, n_heads: int, n_kv_heads: int, cos_SD: torch.Tensor | None,
+               sin_SD: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
+    """The kernel on a fused projection's output: qkv_BSX = x · [w_q; w_k; w_v]ᵀ, X = (H + 2G)·d.
+    Returns (B, S, H·d), ready for the output projection. The gradient comes back as one
+    (B, S, X) tensor the kernel writes in place, so the fused projection's backward is one
+    product per operand with no slicing copies. For callers that checked
+    `applies_to_projection`."""
+    if cos_SD is None:
+        cos_SD = sin_SD = qkv_BSX.new_empty(0)
+    return _AttentionQKV.apply(qkv_BSX, cos_SD.float().contiguous(), sin_SD.float().contiguous(),
+                               n_heads, n_kv_heads, causal)
+
+
+def split_qkv(qkv_BSX: torch.Tensor, n_heads: int, n_kv_heads: int):
+    """q (B, H, S, d), k and v (B, G, S, d) as views of a fused projection's output."""
+    B, S, X = qkv_BSX.shape
+    d = X // (n_heads + 2 * n_kv_heads)
+    heads_BSNd = qkv_BSX.view(B, S, n_heads + 2 * n_kv_heads, d)
+    H, G = n_heads, n_kv_heads
+    return (heads_BSNd[:, :, :H].transpose(1, 2), heads_BSNd[:, :, H:H + G].transpose(1, 2),
+            heads_BSNd[:, :, H + G:].transpose(1, 2))
+
+
 def reference(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal: bool = True) -> torch.Tensor:
     """models/attention.py's path: rotate, then torch's SDPA (GQA by head groups)."""
     if cos_SD is not None:
@@ -70,23 +103,56 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal: bool):
+    """o (B, H, S, d) in (B, S, H, d) memory and the rows' log-sum-exp (B, H, S)."""
+    B, H, S, d = q_BHSd.shape
+    o_BHSd = q_BHSd.new_empty(B, S, H, d).transpose(1, 2)
+    lse_BHS = q_BHSd.new_empty(B, H, S)
+    ext.op("attention_fwd")(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, cos_SD, sin_SD, o_BHSd, lse_BHS,
+                            d ** -0.5, 0, causal)
+    return o_BHSd, lse_BHS
+
+
+def _backward(saved, do_BHSd, dq, dk, dv, causal: bool) -> None:
+    q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, o_BHSd, lse_BHS = saved
+    ext.op("attention_bwd")(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, cos_SD, sin_SD, o_BHSd, lse_BHS,
+                            _rows(do_BHSd), dq, dk, dv, q_BHSd.shape[-1] ** -0.5, 0, causal)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal: bool):
         q_BHSd, k_BGLd, v_BGLd = _rows(q_BHSd), _rows(k_BGLd), _rows(v_BGLd)
-        B, H, S, d = q_BHSd.shape
-        o_BHSd = q_BHSd.new_empty(B, S, H, d).transpose(1, 2)  # (B, S, H, d) memory
-        lse_BHS = q_BHSd.new_empty(B, H, S)
-        ext.op("attention_fwd")(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, cos_SD, sin_SD, o_BHSd, lse_BHS,
-                                d ** -0.5, 0, causal)
+        o_BHSd, lse_BHS = _forward(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, causal)
         ctx.save_for_backward(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, o_BHSd, lse_BHS)
         ctx.causal = causal
         return o_BHSd
 
     @staticmethod
     def backward(ctx, do_BHSd):
-        q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, o_BHSd, lse_BHS = ctx.saved_tensors
-        dq, dk, dv = (torch.empty_like(t) for t in (q_BHSd, k_BGLd, v_BGLd))  # strides kept
-        ext.op("attention_bwd")(q_BHSd, k_BGLd, v_BGLd, cos_SD, sin_SD, cos_SD, sin_SD, o_BHSd, lse_BHS,
-                                _rows(do_BHSd), dq, dk, dv, q_BHSd.shape[-1] ** -0.5, 0, ctx.causal)
+        saved = ctx.saved_tensors
+        dq, dk, dv = (torch.empty_like(t) for t in saved[:3])  # strides kept
+        _backward(saved, do_BHSd, dq, dk, dv, ctx.causal)
         return dq, dk, dv, None, None, None
+
+
+class _AttentionQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv_BSX, cos_SD, sin_SD, n_heads: int, n_kv_heads: int, causal: bool):
+        qkv_BSX = qkv_BSX.contiguous()
+        q_BHSd, k_BGSd, v_BGSd = split_qkv(qkv_BSX, n_heads, n_kv_heads)
+        o_BHSd, lse_BHS = _forward(q_BHSd, k_BGSd, v_BGSd, cos_SD, sin_SD, causal)
+        ctx.save_for_backward(qkv_BSX, cos_SD, sin_SD, o_BHSd, lse_BHS)
+        ctx.heads, ctx.causal = (n_heads, n_kv_heads), causal
+        B, H, S, d = o_BHSd.shape
+        return o_BHSd.transpose(1, 2).view(B, S, H * d)
+
+    @staticmethod
+    def backward(ctx, do_BSY):
+        qkv_BSX, cos_SD, sin_SD, o_BHSd, lse_BHS = ctx.saved_tensors
+        B, H, S, d = o_BHSd.shape
+        dqkv_BSX = torch.empty_like(qkv_BSX, memory_format=torch.contiguous_format)  # every element written
+        saved = (*split_qkv(qkv_BSX, *ctx.heads), cos_SD, sin_SD, o_BHSd, lse_BHS)
+        do_BHSd = do_BSY.reshape(B, S, H, d).transpose(1, 2)
+        _backward(saved, do_BHSd, *split_qkv(dqkv_BSX, *ctx.heads), ctx.causal)
+        return dqkv_BSX, None, None, None, None, None

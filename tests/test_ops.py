@@ -78,3 +78,31 @@ def test_sort_slots_by_expert_properties(T, K, E):
     for e in range(E):
         k_e = key[experts == e]
         assert k_e.tolist() == sorted(k_e.tolist())
+
+
+@pytest.mark.parametrize("shape", [(2048, 8), (5, 3, 64), (7, 1), (4, 65)])
+def test_short_softmax_matches_torch_in_fp64(shape):
+    """ops/softmax.py: output and gradient equal torch.softmax's, for rows that take the
+    whole-tensor path (<= SHORT) and one that does not (65)."""
+    from moekit.ops.softmax import softmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 4
+    if shape[-1] > 1:
+        x[0, ..., 0] = float("-inf")  # a masked expert
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = softmax(a), torch.softmax(b, dim=-1)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(ya, yb, atol=1e-14, rtol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-14, rtol=1e-12)
+    assert (ya.sum(-1) - 1).abs().max() < 1e-12
+
+
+def test_short_softmax_double_backward():
+    from moekit.ops.softmax import softmax
+
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(softmax, (x,))
+    assert torch.autograd.gradgradcheck(softmax, (x,))

@@ -25,6 +25,7 @@ from torch import nn
 
 from moekit.moe.router.base import ROUTERS, Router, reject_unknown_options, topk_ids
 from moekit.moe.types import Routing
+from moekit.ops.softmax import softmax
 
 _OPTIONS = ("temp_start", "temp_end", "anneal_steps", "threshold_end")
 
@@ -73,17 +74,17 @@ class DTSRouter(Router):
         if self.training:
             u_TE = torch.rand_like(logits_TE).clamp(1e-20, 1.0 - 1e-7)
             noisy_TE = logits_TE - torch.log(-torch.log(u_TE))  # + Gumbel(0, 1)
-        g_TE = torch.softmax(noisy_TE / tau, dim=-1)
+        g_TE = softmax(noisy_TE / tau)
         if frac >= 1.0:  # the end of the schedule: plain top-k
             ids_TK = topk_ids(g_TE.detach(), self.top_k)
             w_TK = g_TE.gather(-1, ids_TK)
-            return Routing(ids_TK, w_TK / w_TK.sum(-1, keepdim=True), logits_TE, torch.softmax(logits_TE, -1))
+            return Routing(ids_TK, w_TK / w_TK.sum(-1, keepdim=True), logits_TE, softmax(logits_TE))
         T, E = g_TE.shape
         keep_TE = g_TE.detach() >= theta
         keep_TE.scatter_(1, topk_ids(g_TE.detach(), self.top_k), True)
         ids_TE = torch.where(keep_TE, torch.arange(E, device=x_TD.device).expand(T, E), -1)
         w_TE = g_TE * keep_TE
-        return Routing(ids_TE, w_TE / w_TE.sum(-1, keepdim=True), logits_TE, torch.softmax(logits_TE, -1))
+        return Routing(ids_TE, w_TE / w_TE.sum(-1, keepdim=True), logits_TE, softmax(logits_TE))
 
 
 def step_dts_schedule(model: nn.Module, step: int) -> int:

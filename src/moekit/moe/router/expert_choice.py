@@ -22,6 +22,7 @@ import torch
 
 from moekit.moe.router.base import ROUTERS, Router
 from moekit.moe.types import Routing
+from moekit.ops.softmax import softmax
 
 
 def expert_capacity(num_tokens: int, cfg) -> int:
@@ -33,7 +34,7 @@ def expert_capacity(num_tokens: int, cfg) -> int:
 class ExpertChoiceRouter(Router):
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = softmax(logits_TE)
         T, E = probs_TE.shape
         C = expert_capacity(T, self.cfg)
         chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)

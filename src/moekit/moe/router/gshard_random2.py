@@ -12,6 +12,7 @@ import torch
 
 from moekit.moe.router.base import ROUTERS, Router, topk_ids
 from moekit.moe.types import Routing
+from moekit.ops.softmax import softmax
 
 
 @ROUTERS.register("gshard_random2")
@@ -24,7 +25,7 @@ class GShardRandom2Router(Router):
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = softmax(logits_TE)
         ids_TK = topk_ids(logits_TE, 2)
         g_TK = probs_TE.gather(-1, ids_TK)
         weights_TK = g_TK / g_TK.sum(-1, keepdim=True)

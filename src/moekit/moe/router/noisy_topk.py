@@ -14,6 +14,7 @@ from torch import nn
 from moekit.layers import linear
 from moekit.moe.router.base import ROUTERS, Router
 from moekit.moe.types import Routing
+from moekit.ops.softmax import softmax
 
 
 @ROUTERS.register("noisy_topk")
@@ -29,17 +30,17 @@ class NoisyTopKRouter(Router):
         k = self.top_k
         if not self.training:
             vals_TK, ids_TK = clean_TE.topk(k, dim=-1)
-            weights_TK = torch.softmax(vals_TK, dim=-1)
-            return Routing(ids_TK, weights_TK, clean_TE, torch.softmax(clean_TE, -1))
+            weights_TK = softmax(vals_TK)
+            return Routing(ids_TK, weights_TK, clean_TE, softmax(clean_TE))
         raw_std_TE = linear(x_TD.to(clean_TE.dtype), self.noise_weight.to(clean_TE.dtype))
         std_TE = torch.nn.functional.softplus(raw_std_TE) + self.cfg.noise_eps
         noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         m = min(k + 1, self.num_experts)
         top_vals, top_ids = noisy_TE.topk(m, dim=-1)
         ids_TK, vals_TK = top_ids[:, :k], top_vals[:, :k]
-        weights_TK = torch.softmax(vals_TK, dim=-1)
+        weights_TK = softmax(vals_TK)
         load_E = self._smooth_load(clean_TE, noisy_TE, std_TE, top_vals) if m > k else None
-        return Routing(ids_TK, weights_TK, noisy_TE, torch.softmax(noisy_TE, -1), load_E)
+        return Routing(ids_TK, weights_TK, noisy_TE, softmax(noisy_TE), load_E)
 
     def _smooth_load(self, clean_TE, noisy_TE, std_TE, top_vals_TM) -> torch.Tensor:
         k = self.top_k

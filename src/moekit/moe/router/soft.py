@@ -14,13 +14,14 @@ import torch
 
 from moekit.moe.router.base import ROUTERS, Router
 from moekit.moe.types import Routing
+from moekit.ops.softmax import softmax
 
 
 @ROUTERS.register("soft")
 class SoftRouter(Router):
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = softmax(logits_TE)
         T, E = probs_TE.shape
         ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
         return Routing(ids_TE, probs_TE, logits_TE, probs_TE)

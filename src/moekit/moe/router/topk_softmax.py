@@ -11,6 +11,7 @@ import torch
 
 from moekit.moe.router.base import ROUTERS, Router, topk_ids
 from moekit.moe.types import Routing
+from moekit.ops.softmax import softmax
 
 
 @ROUTERS.register("topk_softmax")
@@ -23,10 +24,10 @@ class TopKSoftmaxRouter(Router):
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = softmax(logits_TE)
         ids_TK = topk_ids(logits_TE, self.top_k)
         if self.cfg.softmax_order == "after":
-            weights_TK = torch.softmax(logits_TE.gather(-1, ids_TK), dim=-1)
+            weights_TK = softmax(logits_TE.gather(-1, ids_TK))
         else:
             weights_TK = probs_TE.gather(-1, ids_TK)
             if self.cfg.normalize_topk:

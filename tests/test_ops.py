@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.ops import ext
 from moekit.ops import sort as sort_ops
 from moekit.ops.sort import permute, sort_slots_by_expert, unpermute
 
@@ -61,6 +62,20 @@ def test_sort_slots_by_expert_host_path_equals_tensor_path(T, K, E, monkeypatch)
     host = sort_slots_by_expert(ids, E) if host is None else host
     for a, b in zip(host, tensor, strict=True):
         assert a.dtype == b.dtype == torch.int64 and a.tolist() == b.tolist()
+
+
+@pytest.mark.skipif(not ext.available(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (40, 4, 7), (2048, 2, 8), (1000, 4, 128)])
+def test_counting_sort_equals_tensor_sort(T, K, E):
+    """csrc/sort.cpp against the torch reference: same slot order (by expert, then k, then
+    t), same counts, with empty slots (-1) and experts that get nothing."""
+    ids = torch.randint(-1, E, (T, K), generator=torch.Generator().manual_seed(T + K + E))
+    ids[ids == E // 2] = -1  # one expert with no slots
+    got, want = sort_ops._sort_by_counting(ids, E), sort_ops._sort_with_tensors(ids, E)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="num_experts"):
+        sort_ops._sort_by_counting(torch.full((3, 2), E), E)
 
 
 @pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (9, 2, 4), (16, 3, 5), (40, 4, 7)])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.ops import ext
+
 
 def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable order of the flat slots t*K+k grouped by expert, and the experts' slot counts.
@@ -18,6 +20,14 @@ def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple
     T, K = expert_ids_TK.shape
     if expert_ids_TK.device.type == "cpu" and T * K <= HOST_MAX_SLOTS:
         return _sort_on_host(expert_ids_TK, num_experts)
+    if expert_ids_TK.device.type == "cpu" and expert_ids_TK.dtype == torch.int64 and ext.available():
+        return _sort_by_counting(expert_ids_TK, num_experts)
+    return _sort_with_tensors(expert_ids_TK, num_experts)
+
+
+def _sort_with_tensors(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference, and the path on other devices: a stable sort of k-major expert keys."""
+    T, K = expert_ids_TK.shape
     ids_KT = expert_ids_TK.t().reshape(-1)
     key = torch.where(ids_KT < 0, torch.full_like(ids_KT, num_experts), ids_KT)
     order = torch.sort(key, stable=True).indices  # positions in k-major flat order
@@ -27,6 +37,16 @@ def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple
     # Empty slots (-1) sorted last; trimming them costs one host sync on CUDA.
     num_assigned = int(counts_E.sum())
     return slot_idx[:num_assigned], counts_E
+
+
+def _sort_by_counting(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """csrc/sort.cpp: a histogram, then one scatter (CPU)."""
+    ids_TK = expert_ids_TK.contiguous()
+    assigned = int((ids_TK >= 0).sum())
+    slot_idx = torch.empty(assigned, dtype=torch.int64)
+    counts_E = torch.empty(num_experts, dtype=torch.int64)
+    ext.op("sort_slots")(ids_TK, slot_idx, counts_E)
+    return slot_idx, counts_E
 
 
 # up to this many slots (decode: a few tokens x top-k) the order is built in Python:

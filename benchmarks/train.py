@@ -100,7 +100,8 @@ def build_all(args) -> dict[str, Step]:
     steps = {}
     for name, model in models.items():
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        # fused, as moekit's trainer builds it (training/step.py), for every model alike
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         n = sum(p.numel() for p in model.parameters())
         print(f"  {name:32s} {n / 1e6:6.2f}M params")
         steps[name] = (moekit_step if isinstance(model, MoELM) else hf_step)(model, opt)

@@ -162,3 +162,36 @@ def test_model_attention_same_with_and_without_kernel(preset, monkeypatch):
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_wrapped_or_hooked_projections_keep_their_own_calls(monkeypatch):
+    """The fused q/k/v product stacks the three weights; a projection that is replaced
+    (e.g. by a LoRA wrapper) or hooked must still be called, so that path is skipped."""
+    torch.manual_seed(0)
+    model = MoELM(get_preset("tiny", 260).replace(n_layers=1))
+    attn = model.layers[0].attn
+    x = torch.randn(2, 20, model.cfg.d_model)
+    rope = model.rope(0, 20)
+    calls = []
+    fused = attention.attend_qkv
+    monkeypatch.setattr(attention, "attend_qkv", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    base = attn(x, rope)
+    assert calls == [1]
+
+    class Shifted(torch.nn.Module):  # stands in for an adapter around q_proj
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.weight, self.bias = inner, inner.weight, None
+
+        def forward(self, t):
+            return self.inner(t) + 1.0
+
+    attn.q_proj = Shifted(attn.q_proj)
+    shifted = attn(x, rope)
+    assert calls == [1] and not torch.allclose(shifted, base)
+    attn.q_proj = attn.q_proj.inner
+    seen = []
+    handle = attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    attn(x, rope)
+    handle.remove()
+    assert calls == [1] and seen == [(2, 20, attn.k_proj.out_features)]

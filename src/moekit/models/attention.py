@@ -57,7 +57,7 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope: RopeTables, kv_cache: KVCache | None = None
                 ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        if kv_cache is None and fused_attention.applies_to_projection(
+        if kv_cache is None and self._plain_projections() and fused_attention.applies_to_projection(
                 x_BSD, self.q_proj.weight, self.head_dim, self._dropout_p()):
             # training and cache-free forwards on CPU: one product for q, k and v, then RoPE
             # + causal attention in one kernel, which hands back one gradient for all three
@@ -73,6 +73,13 @@ class GroupedQueryAttention(nn.Module):
             k_BGSd, v_BGSd = kv_cache.update(self.layer_idx, k_BGSd, v_BGSd)  # now L keys
         y_BHSd = self._attend(q_BHSd, k_BGSd, v_BGSd)
         return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def _plain_projections(self) -> bool:
+        """q, k, v are this module's own bias-free Linears with no hooks: stacking their
+        weights computes exactly what calling them would. A projection replaced or wrapped
+        (a LoRA adapter, say) or hooked keeps the three calls."""
+        return all(type(p) is Linear and p.bias is None and not p._forward_hooks and not p._forward_pre_hooks
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0

@@ -28,6 +28,8 @@ class Routing:
     load_E: optional differentiable load estimate (noisy top-k, Shazeer 2017 §4).
     extra_losses: router-specific unweighted losses by name (DSelect-k's "entropy");
         the layer weights each with its MoEConfig coefficient.
+    lse_T: optional logsumexp(logits_TE) per token, differentiable, when the router
+        computed it anyway (the z-loss then reads it instead of recomputing).
     """
 
     expert_ids_TK: torch.Tensor
@@ -36,6 +38,7 @@ class Routing:
     probs_TE: torch.Tensor
     load_E: torch.Tensor | None = None
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    lse_T: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:

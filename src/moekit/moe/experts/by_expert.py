@@ -106,6 +106,7 @@ class _ByExpertFFN(torch.autograd.Function):
                 hs.append(h_nN)
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, w_R, token_idx_R, *hs)
         ctx.chunks, ctx.weights_dtype = chunks, weights_R.dtype
+        ctx.idle = [e for e, c in enumerate(counts) if c == 0]  # experts that got no rows
         return y_TD
 
     @staticmethod
@@ -120,7 +121,6 @@ class _ByExpertFFN(torch.autograd.Function):
         dw_R = x_TD.new_empty(w_R.shape) if need_w else empty
         rows = ctx.chunks[0][1] if ctx.chunks else 1
         dx_rows = x_TD.new_empty(rows, x_TD.shape[1]) if need_x else empty
-        touched = torch.zeros(w_in_END.shape[0], dtype=torch.bool)
         for (r0, r1, seg), h_nN in zip(ctx.chunks, hs, strict=True):
             n, tok = r1 - r0, token_idx_R[r0:r1].contiguous()
             ext.op("expert_bank_bwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, h_nN, dy_TD,
@@ -128,11 +128,11 @@ class _ByExpertFFN(torch.autograd.Function):
                                       dw_in, dw_out, STEP)
             if need_x:
                 row_ops.index_add_(dx_TD, tok, dx_rows[:n])
-            touched[seg[:, 0]] = True
-        untouched = (~touched).nonzero().flatten()
-        for g in (dw_in, dw_out):
-            if g.numel() and untouched.numel():  # experts that got no rows have zero gradient
-                g[untouched] = 0
+        if ctx.idle:  # experts that got no rows have zero gradient (their buffers hold old values)
+            idle = torch.tensor(ctx.idle, dtype=torch.int64)
+            for g in (dw_in, dw_out):
+                if g.numel():
+                    g[idle] = 0
         return (dx_TD, dw_in if need_win else None, dw_out if need_wout else None,
                 dw_R.to(ctx.weights_dtype) if need_w else None, None, None)
 

@@ -121,8 +121,13 @@ def run_rounds(steps: dict[str, Step], args) -> tuple[dict[str, list[float]], di
     steadier on a shared machine: time spent descheduled is not counted)."""
     gen = torch.Generator().manual_seed(1)
     batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)  # noqa: E731
-    for step in steps.values():  # warm-up: allocator, thread pool, first-call paths
-        for _ in range(2):
+    # warm-up: allocator, thread pool, first-call paths, and oneDNN's kernels: it compiles
+    # one per new problem shape, and an expert's row count (padded to a multiple of 32,
+    # ops/gemm.py) changes with every batch, so a MoE step settles only after ~30 steps
+    # (measured, tiny at 2 threads: medians per 10 steps 54-59 ms for the first 30, then
+    # 52-54). A training run pays that once; --warmup 2 shows the cold start.
+    for step in steps.values():
+        for _ in range(args.warmup):
             step(batch())
     names = list(steps)
     wall: dict[str, list[float]] = {n: [] for n in names}
@@ -222,6 +227,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=260)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps per model before the rounds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hf", choices=["mixtral", "qwen3", "none"], default="mixtral")
     p.add_argument("--hf-experts", default=None, help="transformers experts_implementation "

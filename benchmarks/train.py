@@ -25,14 +25,15 @@ after moving products to oneDNN, ops/gemm.py), wall-clock tokens/s, two runs:
 Session 5 (whole experts per thread on CPU, moe/experts/by_expert.py), `--rounds 3`,
 two runs each: MoE/dense 0.991 and 0.979, MoE/HF Mixtral 1.51x and 1.46x; the same
 runs with MOEKIT_BY_EXPERT=0: 0.767 and 0.845, 1.30x and 1.42x.
-Session 7 (q/k/v in one product, RMSNorm kernel, transpose kernel for weight gradients,
-short-row softmax, counting sort, fused AdamW for all three models), quiet machine:
-`--rounds 3` MoE/dense 0.795, MoE/HF 2.36x; `--rounds 5` twice: 0.760 / 2.20x and
-0.711 / 1.97x; `--rounds 9`: 0.751 / 2.07x (MoE 34.2K tok/s, range 30.4-37.4K; dense
-45.5K; HF 16.5K). The shared parts (attention, norms, projections) got faster for
-both moekit models, so MoE/dense fell: at 2 threads the MoE layer's forward spends
-~1.4 ms in the expert bank (the dense FFN's whole forward: ~1.3) and ~0.7 ms in router,
-balance losses, dispatch and combine.
+Session 7 (q/k/v in one product, RMSNorm, routing, sort and transpose kernels, short-row
+softmax, fused AdamW for all three models, 30 warm-up steps), quiet machine, `--rounds 5`
+three runs: MoE/dense 0.793, 0.814, 0.802; MoE/HF 2.28x, 2.28x, 2.10x (MoE 32.6-36.2K
+tok/s, dense 40.0-45.1K, HF 14.3-17.2K). `--hf none --rounds 9 --steps 10`: 0.887 and
+0.835. The run-to-run spread is wider than the gap to 0.85. The shared parts (attention,
+norms, projections) got faster for both moekit models, so MoE/dense fell from 0.91; the
+MoE step's extra time is in the forward (at 2 threads ~1 ms per layer: the expert bank
+~1.5 ms against the dense FFN's whole forward ~1.4, plus router, losses, dispatch and
+combine ~0.7), while its backward is within ~0.1 ms of the dense one per layer.
   On a loaded machine 2-thread times mostly measure the scheduler (OpenMP barriers wait
   for descheduled threads); compare the CPU-second table, or rerun when idle.
 """

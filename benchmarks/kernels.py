@@ -1,5 +1,6 @@
-"""moekit's C++ kernels (ops/topk.py, ops/swiglu.py, ops/attention.py) against the torch calls they replace,
-on the shapes of benchmarks/layer.py's configs, in one process.
+"""moekit's C++ kernels (ops/topk.py, ops/swiglu.py, ops/attention.py, ops/rmsnorm.py, ops/route.py,
+ops/sort.py, ops/gemm.py's transpose) and ops/softmax.py against the torch calls they replace,
+on the shapes of benchmarks/layer.py's configs and the tiny preset, in one process.
 
     python benchmarks/kernels.py [--threads 2]
 
@@ -13,6 +14,10 @@ kernels; benchmarks/ab.py measures them inside the layer.
           forward (no grad) and forward+backward: the kernel vs its reference, RoPE + SDPA
           (the kernel is called directly, also past ops/attention.py's MAX_LEN: the last
           shape shows why it stops there)
+  small   fwd+bwd (or fwd) of the row kernels, each against its reference: RMSNorm
+          (F.rms_norm), softmax routing (softmax, gather, renormalise, logsumexp), the
+          short-row softmax (torch.softmax), the counting sort of slots by expert (the
+          tensor sort) and the transpose oneDNN's left operand gets (torch's copy_)
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import time
 import torch
 
 from moekit.models.rope import RotaryEmbedding
-from moekit.ops import attention, ext, swiglu, topk
+from moekit.ops import attention, ext, gemm, rmsnorm, route, softmax, swiglu, topk
+from moekit.ops import sort as sort_ops
 
 
 def median_us(fn, n: int = 50) -> float:
@@ -104,6 +110,43 @@ def bench_attention() -> None:
         print(attention_row(*shape))
 
 
+def _fb(fn, x, *rest):
+    """forward and backward of fn(x, *rest) with a ones-like gradient per output"""
+    def run():
+        outs = fn(x, *rest)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        x.grad = None
+    return run
+
+
+def bench_small() -> None:
+    print(f"\n{'small kernels':44s}{'kernel us':>10s}{'torch us':>10s}{'speed-up':>10s}")
+    rows = []
+    for shape in [(16, 128, 128), (4, 1024, 1024)]:
+        x, w = torch.randn(*shape, requires_grad=True), torch.randn(shape[-1], requires_grad=True)
+        rows.append((f"rmsnorm fwd+bwd {shape}", _fb(rmsnorm.rms_norm, x, w, 1e-5), _fb(rmsnorm.reference, x, w, 1e-5)))
+    for T, E, K in [(2048, 8, 2), (4096, 64, 8), (8192, 128, 4)]:
+        x = torch.randn(T, E, requires_grad=True)
+        ids = topk.topk_ids(x.detach(), K)
+        rows.append((f"route softmax fwd+bwd ({T}, {E}, k={K})", _fb(route.route_softmax, x, ids, True),
+                     _fb(route.reference, x, ids, True)))
+    for T, E in [(2048, 8), (4096, 64)]:
+        x = torch.randn(T, E, requires_grad=True)
+        rows.append((f"short softmax fwd+bwd ({T}, {E})", _fb(softmax.softmax, x),
+                     _fb(lambda t: torch.softmax(t, -1), x)))
+    for T, K, E in [(2048, 2, 8), (8192, 4, 128)]:
+        ids = torch.randint(0, E, (T, K))
+        rows.append((f"sort slots ({T}, k={K}, E={E})", lambda ids=ids, E=E: sort_ops._sort_by_counting(ids, E),
+                     lambda ids=ids, E=E: sort_ops._sort_with_tensors(ids, E)))
+    for M, N in [(2048, 128), (4096, 1024)]:
+        a = torch.randn(M, N).t()
+        rows.append((f"transpose ({N}, {M}) view -> rows", lambda a=a: gemm._row_major(a), lambda a=a: a.contiguous()))
+    for name, kern, ref in rows:
+        k_us, r_us = median_us(kern), median_us(ref)
+        print(f"{name:44s}{k_us:10.1f}{r_us:10.1f}{r_us / k_us:9.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -115,6 +158,7 @@ def main() -> None:
     bench_topk()
     bench_swiglu()
     bench_attention()
+    bench_small()
 
 
 if __name__ == "__main__":

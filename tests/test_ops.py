@@ -95,10 +95,10 @@ def test_sort_slots_by_expert_properties(T, K, E):
         assert k_e.tolist() == sorted(k_e.tolist())
 
 
-@pytest.mark.parametrize("shape", [(2048, 8), (5, 3, 64), (7, 1), (4, 65)])
+@pytest.mark.parametrize("shape", [(2048, 8), (5, 3, 15), (7, 1), (4, 16), (4, 65)])
 def test_short_softmax_matches_torch_in_fp64(shape):
     """ops/softmax.py: output and gradient equal torch.softmax's, for rows that take the
-    whole-tensor path (<= SHORT) and one that does not (65)."""
+    whole-tensor path (<= SHORT) and ones that do not (16, 65)."""
     from moekit.ops.softmax import softmax
 
     g = torch.Generator().manual_seed(0)
@@ -108,6 +108,9 @@ def test_short_softmax_matches_torch_in_fp64(shape):
     dy = torch.randn(*shape, generator=g, dtype=torch.float64)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = softmax(a), torch.softmax(b, dim=-1)
+    from moekit.ops import softmax as softmax_ops
+
+    assert ("ShortSoftmax" in type(ya.grad_fn).__name__) == (shape[-1] <= softmax_ops.SHORT)
     ya.backward(dy)
     yb.backward(dy)
     torch.testing.assert_close(ya, yb, atol=1e-14, rtol=1e-12)

@@ -77,18 +77,12 @@ void load_row(const float* x, const float* cos, const float* sin, const Geo& g, 
   }
 }
 
-// 16 floats: GCC/Clang vector extensions, one zmm register with AVX-512 (two ymm with
-// AVX2). Written out because the compiler, left to itself, vectorized these tiles over
-// their 8 rows with shuffles (measured 2-5x slower than torch's path).
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 vload(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 vbroadcast(float s) { return v16{} + s; }
+// The tiles use moekit::v16 (vec_math.h): left to itself, the compiler vectorized these
+// tiles over their 8 rows with shuffles (measured 2-5x slower than torch's path).
+using moekit::v16;
+using moekit::vbroadcast;
+using moekit::vload;
+using moekit::vstore;
 
 // out[r][c] = Σ_{t<T} a[r][t] · b[t][c] for r < R and c < ncols (a multiple of W): a tile of
 // R rows of a product, R accumulators per W columns. Serves the scores (a = q rows,
@@ -202,8 +196,7 @@ void softmax_rows(float* s, int64_t lds, int64_t n16, int64_t i0, int n, const G
     std::fill(sr + vis, sr + n16, 0.0f);
     v16 sv = {};
     for (int64_t j = 0; j < n16; j += W) sv += vload(sr + j);
-    float sum = 0.0f;
-    for (int c = 0; c < W; ++c) sum += sv[c];
+    const float sum = moekit::hsum(sv);
     m[r] = mr;
     l[r] = sum;
   }

@@ -16,24 +16,17 @@
 #include <cmath>
 #include <cstring>
 
+#include "vec_math.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+using moekit::v16;
+using moekit::hsum;
+using moekit::vload;
+using moekit::vstore;
+
 constexpr int64_t W = 16;
 constexpr int64_t BLOCK = 64;  // rows per partial sum of dw
-
-inline v16 vload(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-
-inline float hsum(v16 v) {
-  float s = 0.0f;
-  for (int c = 0; c < W; ++c) s += v[c];
-  return s;
-}
 
 // Σ a·b over D floats: W lanes, then the tail
 inline float dot(const float* a, const float* b, int64_t D) {

@@ -16,17 +16,15 @@
 #include <cstring>
 #include <utility>
 
+#include "vec_math.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-constexpr int64_t T = 16;
+using moekit::v16;
+using moekit::vload;
+using moekit::vstore;
 
-inline v16 vload(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+constexpr int64_t T = 16;
 
 // One stage of the block-swap transpose: rows i and i+b (b = 8, 4, 2, 1) trade the b x b
 // blocks off the diagonal ([[A, B], [C, D]]ᵀ = [[Aᵀ, Cᵀ], [Bᵀ, Dᵀ]], recursively).

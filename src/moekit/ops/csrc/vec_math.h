@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 
 namespace moekit {
 
@@ -47,4 +48,23 @@ inline void dots(const float* __restrict w, const float* const* a, int64_t K, fl
   }
 }
 
+// 16 floats as a GCC/Clang vector type: one zmm register with AVX-512 (two ymm with AVX2).
+// Kernels write their tiles in it where the compiler, left to itself, vectorized badly
+// (attention.cpp says how badly).
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 vload(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 vbroadcast(float s) { return v16{} + s; }
+inline float hsum(v16 v) {
+  float s = 0.0f;
+  for (int c = 0; c < 16; ++c) s += v[c];
+  return s;
+}
+
 }  // namespace moekit
+

@@ -41,12 +41,7 @@ def _sort_with_tensors(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[t
 
 def _sort_by_counting(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """csrc/sort.cpp: a histogram, then one scatter (CPU)."""
-    ids_TK = expert_ids_TK.contiguous()
-    assigned = int((ids_TK >= 0).sum())
-    slot_idx = torch.empty(assigned, dtype=torch.int64)
-    counts_E = torch.empty(num_experts, dtype=torch.int64)
-    ext.op("sort_slots")(ids_TK, slot_idx, counts_E)
-    return slot_idx, counts_E
+    return ext.op("sort_slots")(expert_ids_TK, num_experts)
 
 
 # up to this many slots (decode: a few tokens x top-k) the order is built in Python:

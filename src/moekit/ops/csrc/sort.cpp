@@ -9,20 +9,22 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 namespace {
 
-// slot_idx (S,) int64 receives the t*K+k of every assigned slot; counts (E,) int64
-void sort_slots(const at::Tensor& ids, const at::Tensor& slot_idx, const at::Tensor& counts) {
-  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous(),
-              "sort_slots: ids must be contiguous CPU int64 (T, K)");
-  TORCH_CHECK(counts.is_contiguous() && counts.scalar_type() == at::kLong && counts.dim() == 1,
-              "sort_slots: counts must be contiguous int64 (E,)");
-  const int64_t T = ids.size(0), K = ids.size(1), E = counts.size(0);
-  const int64_t* id = ids.data_ptr<int64_t>();
+// (slot_idx (S,), counts (E,)), both int64: the t*K+k of every assigned slot in order, and
+// the slots per expert
+std::tuple<at::Tensor, at::Tensor> sort_slots(const at::Tensor& ids, int64_t E) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2,
+              "sort_slots: ids must be CPU int64 (T, K)");
+  TORCH_CHECK(E >= 0, "sort_slots: num_experts must be >= 0");
+  const at::Tensor idc = ids.contiguous();
+  const int64_t T = idc.size(0), K = idc.size(1);
+  const int64_t* id = idc.data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({E}, idc.options());
   int64_t* cnt = counts.data_ptr<int64_t>();
-  std::fill(cnt, cnt + E, 0);
   int64_t assigned = 0;
   for (int64_t i = 0; i < T * K; ++i) {
     const int64_t e = id[i];
@@ -32,22 +34,22 @@ void sort_slots(const at::Tensor& ids, const at::Tensor& slot_idx, const at::Ten
       ++assigned;
     }
   }
-  TORCH_CHECK(slot_idx.is_contiguous() && slot_idx.scalar_type() == at::kLong && slot_idx.numel() == assigned,
-              "sort_slots: slot_idx must be contiguous int64 with one entry per assigned slot (", assigned, ")");
   std::vector<int64_t> next(E);
   for (int64_t e = 0, at = 0; e < E; ++e) {
     next[e] = at;
     at += cnt[e];
   }
+  at::Tensor slot_idx = at::empty({assigned}, idc.options());
   int64_t* out = slot_idx.data_ptr<int64_t>();
   for (int64_t k = 0; k < K; ++k)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t e = id[t * K + k];
       if (e >= 0) out[next[e]++] = t * K + k;
     }
+  return {slot_idx, counts};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(moekit, m) { m.def("sort_slots(Tensor ids, Tensor(a!) slot_idx, Tensor(b!) counts) -> ()"); }
+TORCH_LIBRARY_FRAGMENT(moekit, m) { m.def("sort_slots(Tensor ids, int num_experts) -> (Tensor, Tensor)"); }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) { m.impl("sort_slots", sort_slots); }

@@ -93,12 +93,28 @@ std::vector<at::Tensor> thread_buffers(std::initializer_list<int64_t> widths, in
   return out;
 }
 
+// Rows are requested from memory this many rows ahead of their use. Why: the gathered
+// rows lie at random places and the saved pre-activations were written long before the
+// backward reads them; neither is in cache, and one thread's demand misses alone left
+// most of the memory bandwidth unused. Measured on the "many" layer (per thread and
+// chunk of ~8.5 experts, benchmarks' bank timers): the backward's two gathers 0.8 ->
+// 0.5 ms and its SwiGLU 0.55 -> 0.17 ms; distances 2 to 16 measured the same.
+constexpr int64_t AHEAD = 4;
+
+// all cache lines of a row of `floats` floats
+inline void prefetch_row(const float* p, int64_t floats) {
+  for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(p + c, 0, 3);
+}
+
 // rows src[idx[r]] into dst rows 0..n-1, zero rows n..m-1
 void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t n, int64_t m, const at::Tensor& dst) {
-  const int64_t W = src.size(1);
+  const int64_t W = src.size(1), st = src.stride(0);
   const float* sp = src.data_ptr<float>();
   float* dp = dst.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) std::memcpy(dp + r * W, sp + idx[r] * src.stride(0), W * sizeof(float));
+  for (int64_t r = 0; r < n; ++r) {
+    if (r + AHEAD < n) prefetch_row(sp + idx[r + AHEAD] * st, W);
+    std::memcpy(dp + r * W, sp + idx[r] * st, W * sizeof(float));
+  }
   if (m > n) std::memset(dp + n * W, 0, (m - n) * W * sizeof(float));
 }
 
@@ -214,6 +230,7 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
     float* dhp = dhm.data_ptr<float>();
     float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < n; ++r) {
+      if (r + AHEAD < n) prefetch_row(hp + (r + AHEAD) * N, N);
       const float* gr = hp + r * N;
       float* dg = dhp + r * N;
       const float dot = need_wout ? moekit::bwd_row<true>(gr, gr + F, up + r * F, wp[g.s + r], dg, dg + F, ap + r * F, F)

@@ -13,6 +13,8 @@
 
 namespace {
 
+constexpr int64_t AHEAD = 4;
+
 void index_add_rows_(const at::Tensor& y, const at::Tensor& idx, const at::Tensor& src) {
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && src.scalar_type() == at::kFloat,
               "index_add_rows_: CPU float32 only");
@@ -31,6 +33,8 @@ void index_add_rows_(const at::Tensor& y, const at::Tensor& idx, const at::Tenso
   at::parallel_for(0, blocks, n * D < 32768 ? blocks : 1, [&](int64_t b0, int64_t b1) {
     const int64_t d0 = b0 * D / blocks, d1 = b1 * D / blocks;
     for (int64_t j = 0; j < n; ++j) {
+      if (j + AHEAD < n)  // y's rows lie at random places: ask for them early (expert_bank.cpp: AHEAD)
+        for (int64_t d = d0; d < d1; d += 16) __builtin_prefetch(yp + ip[j + AHEAD] * sy + d, 1, 3);
       float* yr = yp + ip[j] * sy;
       const float* sr = sp + j * ss;
       for (int64_t d = d0; d < d1; ++d) yr[d] += sr[d];

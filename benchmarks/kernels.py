@@ -30,6 +30,7 @@ import torch
 
 from moekit.models.rope import RotaryEmbedding
 from moekit.ops import attention, ext, gemm, rmsnorm, route, softmax, swiglu, topk
+from moekit.ops import rows as row_ops
 from moekit.ops import sort as sort_ops
 
 
@@ -139,6 +140,10 @@ def bench_small() -> None:
         ids = torch.randint(0, E, (T, K))
         rows.append((f"sort slots ({T}, k={K}, E={E})", lambda ids=ids, E=E: sort_ops._sort_by_counting(ids, E),
                      lambda ids=ids, E=E: sort_ops._sort_with_tensors(ids, E)))
+    for T, K, D in [(2048, 2, 128), (4096, 8, 128)]:
+        src = torch.randn(T * K, D)
+        rows.append((f"sum slots ({T}, k={K}, {D})", lambda s=src, K=K: row_ops.sum_slots(s, K),
+                     lambda s=src, K=K: row_ops.sum_slots_reference(s, K)))
     for M, N in [(2048, 128), (4096, 1024)]:
         a = torch.randn(M, N).t()
         rows.append((f"transpose ({N}, {M}) view -> rows", lambda a=a: gemm._row_major(a), lambda a=a: a.contiguous()))

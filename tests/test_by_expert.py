@@ -35,20 +35,29 @@ def _problem(T=300, D=32, E=12, F=24, K=3, seed=0, empty=(5,)):
     return x, w_in, w_out, ids, weights
 
 
-def _plan(ids, weights_TK):
+# how the bank's rows become y: summed per token from their slots (the plan gives top_k),
+# the same with some slots dropped (their buffer rows must read as zero), or
+# scatter-added chunk by chunk (a plan without top_k)
+COMBINES = ["slots", "drops", "scatter"]
+
+
+def _plan(ids, weights_TK, combine="slots"):
     T, K = ids.shape
     flat = ids.flatten()
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=int(ids.max()) + 1)
-    return DispatchPlan(order // K, order, weights_TK.flatten()[order], counts, counts, T)
+    if combine == "drops":  # every 7th slot dropped, as a capacity would
+        order = order[torch.arange(order.numel()) % 7 != 3]
+    counts = torch.bincount(flat[order], minlength=int(ids.max()) + 1)
+    return DispatchPlan(order // K, order, weights_TK.flatten()[order], counts, counts, T,
+                        top_k=0 if combine == "scatter" else K)
 
 
-def _run(fn, tensors, ids, need):
+def _run(fn, tensors, ids, need, combine="slots"):
     """fn's output and the gradients of the tensors whose names are in need."""
     names = ("x", "w_in", "w_out", "weights")
     leaves = [t.clone().requires_grad_(n in need) for n, t in zip(names, tensors, strict=True)]
     x, w_in, w_out, weights = leaves
-    y = fn(x, _plan(ids, weights), w_in, w_out, SWIGLU)
+    y = fn(x, _plan(ids, weights, combine), w_in, w_out, SWIGLU)
     probe = torch.linspace(-1, 1, y.numel()).view_as(y)
     if need:
         (y * probe).sum().backward()
@@ -78,15 +87,16 @@ NEEDS = [("x", "w_in", "w_out", "weights"), ("x",), ("w_in", "w_out"), ("weights
 
 @pytest.mark.parametrize("need", NEEDS, ids=lambda n: "+".join(n) or "no_grad")
 @pytest.mark.parametrize("rows", [64, 10_000])
-def test_matches_the_loop_oracle(monkeypatch, need, rows):
+@pytest.mark.parametrize("combine", COMBINES)
+def test_matches_the_loop_oracle(monkeypatch, need, rows, combine):
     _force_small_chunks(monkeypatch, rows)
     calls = _spy(monkeypatch)
     tensors = _problem()
     ids = tensors[3]
     x, w_in, w_out, _, weights = tensors
-    fast = _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, need)
+    fast = _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, need, combine)
     assert calls, "the by-expert path must have run"
-    ref = _run(loop.loop_experts, (x, w_in, w_out, weights), ids, need)
+    ref = _run(loop.loop_experts, (x, w_in, w_out, weights), ids, need, combine)
     torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-5)
     assert fast[1].keys() == ref[1].keys() == set(need)
     for n in need:
@@ -133,9 +143,11 @@ def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
         torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_results_do_not_depend_on_the_thread_count(monkeypatch):
-    """Each expert's products run on one thread in a fixed order: 1 and 2 threads give
-    bit-identical outputs and gradients (what exact resume relies on)."""
+@pytest.mark.parametrize("combine", COMBINES)
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, combine):
+    """Each expert's products run on one thread in a fixed order, and each token's rows
+    are summed in a fixed order: 1 and 2 threads give bit-identical outputs and
+    gradients (what exact resume relies on)."""
     _force_small_chunks(monkeypatch, 10_000)
     tensors = _problem(T=400, E=16)
     x, w_in, w_out, ids, weights = tensors
@@ -144,7 +156,7 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            out.append(_run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0]))
+            out.append(_run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0], combine))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(out[0][0], out[1][0])
@@ -175,8 +187,10 @@ def test_kernel_rejects_bad_segments_and_tokens():
     tok, w = torch.arange(10), torch.ones(10)
     fwd = ext.op("expert_bank_fwd")
     with pytest.raises(RuntimeError, match="segment 0"):
-        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, h, 32)
-    with pytest.raises(RuntimeError, match="out of range"):
-        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, h, 32)
+        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, h, 32)
+    with pytest.raises(RuntimeError, match="token index 10 out of range"):
+        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32)
+    with pytest.raises(RuntimeError, match="destination row 10 out of range"):
+        fwd(x, tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok + 1, h, 32)
     with pytest.raises(RuntimeError, match="x must be"):
-        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, h, 32)
+        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32)

@@ -171,3 +171,38 @@ def test_index_add_rows_matches_index_add(T, D, idx):
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # same adds in the same order per element
     with pytest.raises(RuntimeError, match="out of range"):
         rows.index_add_(y, torch.tensor([T]), src[:1] if len(src) else torch.zeros(1, D))
+
+
+@pytest.mark.parametrize("T,K,D", [(50, 2, 130), (0, 4, 64), (300, 8, 512), (7, 1, 5), (1000, 4, 16)])
+def test_sum_slots_matches_its_reference(T, K, D):
+    """The same adds in the same order (k = 0, 1, ...): bit-identical, at any thread count."""
+    src = torch.randn(T * K, D, generator=torch.Generator().manual_seed(T + K))
+    want = rows.sum_slots_reference(src, K)
+    assert want.shape == (T, D)
+    torch.testing.assert_close(want, src.view(T, K, D).sum(1), rtol=1e-6, atol=1e-5)
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(rows.sum_slots(src, K), want)
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(RuntimeError, match="do not split"):
+        ext.op("sum_slots")(torch.zeros(5, 3), 2)
+
+
+def test_slot_buffer_is_reused_only_when_free(monkeypatch):
+    monkeypatch.setattr(rows, "MIN_POOLED_BYTES", 0)
+    monkeypatch.setattr(rows, "_pooled", {})
+    like = torch.zeros(1)
+    a = rows.slot_buffer(10, 4, like, zero=False)
+    held = a.data_ptr()
+    b = rows.slot_buffer(10, 4, like, zero=True)  # a is still alive: a new buffer
+    assert b.data_ptr() != held and b.abs().sum() == 0
+    del a, b
+    c = rows.slot_buffer(6, 4, like, zero=True)  # free again: reused, and zeroed when asked
+    assert c.shape == (6, 4) and c.abs().sum() == 0
+    c.fill_(1.0)
+    del c
+    d = rows.slot_buffer(20, 4, like, zero=False)  # bigger than the pooled one: a new one
+    assert d.shape == (20, 4)

@@ -80,4 +80,4 @@ def local_plan(recv_counts_PL: torch.Tensor, num_rows: int) -> DispatchPlan:
     counts_L = recv_counts_PL.sum(0)
     ones_r = torch.ones(num_rows, dtype=torch.float32, device=device)
     return DispatchPlan(token_idx_R=order_r, slot_idx_R=order_r, weights_R=ones_r,
-                        counts_E=counts_L, requested_E=counts_L, num_tokens=num_rows)
+                        counts_E=counts_L, requested_E=counts_L, num_tokens=num_rows, top_k=1)

@@ -60,5 +60,5 @@ def fused_layer(layer, x_TD: torch.Tensor) -> tuple[torch.Tensor, Routing, Dispa
     y_TD, logits_TE, probs_TE, ids_TK, weights_TK, tok_R, slot_R, weights_R, counts_E = ext.op(
         "moe_decode_topk")(*args)
     plan = DispatchPlan(token_idx_R=tok_R, slot_idx_R=slot_R, weights_R=weights_R, counts_E=counts_E,
-                        requested_E=counts_E, num_tokens=x_TD.shape[0])
+                        requested_E=counts_E, num_tokens=x_TD.shape[0], top_k=ids_TK.shape[1])
     return y_TD, Routing(ids_TK, weights_TK, logits_TE, probs_TE), plan

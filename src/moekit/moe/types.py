@@ -55,6 +55,8 @@ class DispatchPlan:
     counts_E: rows per expert after drops (int64, sums to R).
     requested_E: slots assigned per expert before drops (int64).
     num_tokens: T.
+    top_k: K, the slots per token (slot_idx_R < T·K); 0 where the plan does not say
+        (the expert bank then scatter-adds rows into y instead of summing slots).
     """
 
     token_idx_R: torch.Tensor
@@ -64,6 +66,7 @@ class DispatchPlan:
     requested_E: torch.Tensor
     num_tokens: int
     capacity: int | None = None
+    top_k: int = 0
 
     @property
     def num_rows(self) -> int:

@@ -26,4 +26,5 @@ def make_plan(routing: Routing, slot_idx_R: torch.Tensor, counts_E: torch.Tensor
         requested_E=requested_E,
         num_tokens=T,
         capacity=capacity,
+        top_k=K,
     )

@@ -3,7 +3,10 @@
 // applies the SwiGLU, all in its own cache-sized buffers. moe/experts/by_expert.py is the
 // Python side and says why; moe/experts/grouped.py's chunk loop is the reference.
 //
-// A chunk's rows are sorted by expert; seg (S, 4) int64 lists its segments as
+// A chunk's rows are sorted by expert; each row's output (and, in the backward, its dx
+// row) goes to the row dst[r] of out: its slot t·K + k when the caller sums slots per
+// token afterwards (moe/experts/by_expert.py), or r for a chunk buffer it scatter-adds.
+// seg (S, 4) int64 lists the chunk's segments as
 // (expert, first row, end row, first-write) with rows relative to the chunk, at most one
 // segment per expert. first-write = 1 where the backward writes the expert's weight
 // gradients (beta 0) rather than adding to them (a big expert spans several chunks).
@@ -143,18 +146,43 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t wid
               "expert_bank: ", name, " must be contiguous float32 (", rows, ", ", width, ")");
 }
 
+// out (S, width) contiguous float32 and dst (rows,) int64 with every entry in [0, S)
+const int64_t* check_dst(const at::Tensor& out, const at::Tensor& dst, int64_t rows, int64_t width) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == width,
+              "expert_bank: out must be contiguous float32 (S, ", width, ")");
+  TORCH_CHECK(dst.scalar_type() == at::kLong && dst.dim() == 1 && dst.is_contiguous() && dst.numel() == rows,
+              "expert_bank: dst must be contiguous int64 with one entry per row");
+  const int64_t* p = dst.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(p[r] >= 0 && p[r] < out.size(0), "expert_bank: destination row ", p[r], " out of range");
+  return p;
+}
+
+// rows 0..n-1 of src (n, W) to the rows dst[0..n-1] of out, each times s[r] when s is given
+void scatter_rows(const float* src, int64_t n, int64_t W, const int64_t* dst, const float* s, float* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* o = out + dst[r] * W;
+    const float* a = src + r * W;
+    if (s == nullptr) {
+      std::memcpy(o, a, W * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < W; ++d) o[d] = a[d] * s[r];
+    }
+  }
+}
+
 struct FwdBufs {
   at::Tensor x, h, a, o;
 };
 
-// out rows = w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ for the chunk's rows; h (rows, 2F) gets the
-// pre-activations when defined (saved for the backward)
+// out[dst[r]] = w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ for the chunk's rows r; h (rows, 2F)
+// gets the pre-activations when defined (saved for the backward)
 void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
-              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& h,
-              int64_t step) {
+              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& dst,
+              const at::Tensor& h, int64_t step) {
   check_common(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
-  check_rows(out, "out", rows, D);
+  const int64_t* dp = check_dst(out, dst, rows, D);
   const bool keep_h = h.defined() && h.numel() > 0;
   if (keep_h) check_rows(h, "h", rows, N);
   const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
@@ -177,13 +205,9 @@ void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
     const bool weight_a = F <= D;
     for (int64_t r = 0; r < m; ++r)
       moekit::fwd_row(hp + r * N, hp + r * N + F, weight_a && r < n ? wp[g.s + r] : 1.0f, ap + r * F, F);
-    const at::Tensor om = m == n ? out.narrow(0, g.s, n) : b.o.narrow(0, 0, m);
+    const at::Tensor om = b.o.narrow(0, 0, m);
     at::native::mkldnn_matmul(am, w_out[g.e].t(), om, 0.0f, 1.0f);
-    float* op = om.data_ptr<float>();
-    if (!weight_a)
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t d = 0; d < D; ++d) op[r * D + d] *= wp[g.s + r];
-    if (m != n) std::memcpy(out.data_ptr<float>() + g.s * D, op, n * D * sizeof(float));
+    scatter_rows(om.data_ptr<float>(), n, D, dp + g.s, weight_a ? nullptr : wp + g.s, out.data_ptr<float>());
   });
 }
 
@@ -191,22 +215,22 @@ struct BwdBufs {
   at::Tensor dy, u, dh, a, x, dx;
 };
 
-// Given dy (T, D) and the forward's h (rows, 2F): dx rows (rows, D) into dx_rows, the
+// Given dy (T, D) and the forward's h (rows, 2F): dx rows into dx_out[dst[r]], the
 // routing-weight gradient per row into dw, and each segment's weight gradients written
 // (first-write) or added into dw_in (E, 2F, D) and dw_out (E, D, F). Undefined or empty
 // outputs are not computed.
 void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& dy,
-              const at::Tensor& dx_rows, const at::Tensor& dw, const at::Tensor& dw_in, const at::Tensor& dw_out,
-              int64_t step) {
+              const at::Tensor& dx_out, const at::Tensor& dst, const at::Tensor& dw, const at::Tensor& dw_in,
+              const at::Tensor& dw_out, int64_t step) {
   check_common(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   check_rows(h, "h", rows, N);
   TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous() && dy.sizes() == x.sizes(),
               "expert_bank: dy must be contiguous float32 like x");
-  const bool need_x = dx_rows.numel() > 0, need_w = dw.numel() > 0;
+  const bool need_x = dx_out.numel() > 0, need_w = dw.numel() > 0;
   const bool need_win = dw_in.numel() > 0, need_wout = dw_out.numel() > 0;
-  if (need_x) check_rows(dx_rows, "dx_rows", rows, D);
+  const int64_t* dp = need_x ? check_dst(dx_out, dst, rows, D) : nullptr;
   TORCH_CHECK(!need_w || (dw.is_contiguous() && dw.numel() == rows && dw.scalar_type() == at::kFloat),
               "expert_bank: dw must be float32 with one per row");
   TORCH_CHECK(!need_win || (dw_in.sizes() == w_in.sizes() && dw_in.is_contiguous() && dw_in.scalar_type() == at::kFloat), "expert_bank: dw_in must be like w_in");
@@ -249,9 +273,9 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
       at::native::mkldnn_matmul(dhm.t(), xm, dw_in[g.e], beta, 1.0f);  // dhᵀ x
     }
     if (need_x) {
-      const at::Tensor dxm = m == n ? dx_rows.narrow(0, g.s, n) : b.dx.narrow(0, 0, m);
+      const at::Tensor dxm = b.dx.narrow(0, 0, m);
       at::native::mkldnn_matmul(dhm, w_in[g.e], dxm, 0.0f, 1.0f);  // dh · W_in
-      if (m != n) std::memcpy(dx_rows.data_ptr<float>() + g.s * D, dxm.data_ptr<float>(), n * D * sizeof(float));
+      scatter_rows(dxm.data_ptr<float>(), n, D, dp + g.s, nullptr, dx_out.data_ptr<float>());
     }
   });
 }
@@ -260,9 +284,9 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, "
-        "Tensor(a!) out, Tensor(b!) h, int step) -> ()");
+        "Tensor(a!) out, Tensor dst, Tensor(b!) h, int step) -> ()");
   m.def("expert_bank_bwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, Tensor h, "
-        "Tensor dy, Tensor(a!) dx_rows, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, int step) -> ()");
+        "Tensor dy, Tensor(a!) dx_out, Tensor dst, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, int step) -> ()");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
   m.impl("expert_bank_fwd", bank_fwd);

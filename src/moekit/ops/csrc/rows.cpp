@@ -1,5 +1,6 @@
 // y[idx[j], :] += src[j, :] for the rows of one expert: the combine step (and dx in the
-// backward) of the expert bank.
+// backward) of the expert bank; and y[t] = Σ_k src[t·K + k] (sum_slots), the same combine
+// when the bank wrote every row to its slot.
 //
 // Why: torch's CPU index_add_ over rows runs on one thread here (1 and 2 threads timed
 // alike); the expert bank calls it once per expert. Splitting the columns between
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace {
 
@@ -42,7 +44,37 @@ void index_add_rows_(const at::Tensor& y, const at::Tensor& idx, const at::Tenso
   });
 }
 
+// y (T, D) = src (T·K, D) summed over each token's K slots, k = 0, 1, ... in that order
+// (ops/rows.py: sum_slots_reference adds them in the same order, so the two agree
+// bit for bit). Each output row is written once: no zero fill and no read of y, which
+// the scatter-add needs (moe/experts/by_expert.py says when each is used).
+at::Tensor sum_slots(const at::Tensor& src, int64_t K) {
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 2 && src.is_contiguous(),
+              "sum_slots: src must be a contiguous CPU float32 (T*K, D) matrix");
+  TORCH_CHECK(K >= 1 && src.size(0) % K == 0, "sum_slots: ", src.size(0), " rows do not split into K=", K);
+  const int64_t T = src.size(0) / K, D = src.size(1);
+  at::Tensor y = at::empty({T, D}, src.options());
+  const float* sp = src.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * D)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* yr = yp + t * D;
+      const float* s0 = sp + t * K * D;
+      std::memcpy(yr, s0, D * sizeof(float));
+      for (int64_t k = 1; k < K; ++k)
+        for (int64_t d = 0; d < D; ++d) yr[d] += s0[k * D + d];
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(moekit, m) { m.def("index_add_rows_(Tensor(a!) y, Tensor idx, Tensor src) -> ()"); }
-TORCH_LIBRARY_IMPL(moekit, CPU, m) { m.impl("index_add_rows_", index_add_rows_); }
+TORCH_LIBRARY_FRAGMENT(moekit, m) {
+  m.def("index_add_rows_(Tensor(a!) y, Tensor idx, Tensor src) -> ()");
+  m.def("sum_slots(Tensor src, int K) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(moekit, CPU, m) {
+  m.impl("index_add_rows_", index_add_rows_);
+  m.impl("sum_slots", sum_slots);
+}

@@ -123,10 +123,14 @@ def run_rounds(steps: dict[str, Step], args) -> tuple[dict[str, list[float]], di
     gen = torch.Generator().manual_seed(1)
     batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)  # noqa: E731
     # warm-up: allocator, thread pool, first-call paths, and oneDNN's kernels: it compiles
-    # one per new problem shape, and an expert's row count (padded to a multiple of 32,
-    # ops/gemm.py) changes with every batch, so a MoE step settles only after ~30 steps
-    # (measured, tiny at 2 threads: medians per 10 steps 54-59 ms for the first 30, then
-    # 52-54). A training run pays that once; --warmup 2 shows the cold start.
+    # (JIT) one per new problem shape, and an expert's row count (padded to a multiple of
+    # 32, ops/gemm.py) changes with every batch, so a MoE step settles only after ~100
+    # steps. Measured on `tiny` at 2 threads with strace (executable mappings, i.e. newly
+    # compiled kernels, per 30 steps): 1051, 170, 10, 9, then none from step 120; the
+    # dense twin compiles none after its first steps. Median step per 30 steps (MoE,
+    # dense): 57.0/44.6, 53.8/43.5, 53.8/45.2, 53.4/45.0, then 51.3-52.7/44.3-45.8. A
+    # training run pays that once (~100 of the default 1200 steps); --warmup 2 shows the
+    # cold start.
     for step in steps.values():
         for _ in range(args.warmup):
             step(batch())
@@ -228,7 +232,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=260)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    p.add_argument("--warmup", type=int, default=30, help="untimed steps per model before the rounds")
+    p.add_argument("--warmup", type=int, default=100, help="untimed steps per model before the rounds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hf", choices=["mixtral", "qwen3", "none"], default="mixtral")
     p.add_argument("--hf-experts", default=None, help="transformers experts_implementation "

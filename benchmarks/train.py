@@ -34,6 +34,10 @@ norms, projections) got faster for both moekit models, so MoE/dense fell from 0.
 MoE step's extra time is in the forward (at 2 threads ~1 ms per layer: the expert bank
 ~1.5 ms against the dense FFN's whole forward ~1.4, plus router, losses, dispatch and
 combine ~0.7), while its backward is within ~0.1 ms of the dense one per layer.
+Session 8 (prefetching and slot sums in the expert bank, 100 warm-up steps), `--rounds 7
+--steps 10`: MoE/dense 0.816, 0.840, 0.856, 0.828, 0.839; MoE/HF 2.20x and 2.18x (the
+runs where it was read). With 30 warm-up steps the timed rounds still held the MoE's
+oneDNN kernel compiles (see run_rounds).
   On a loaded machine 2-thread times mostly measure the scheduler (OpenMP barriers wait
   for descheduled threads); compare the CPU-second table, or rerun when idle.
 """

@@ -36,9 +36,11 @@ def enabled() -> bool:
     return _use_count is not None and os.environ.get("MOEKIT_GRAD_POOL", "1") != "0"
 
 
-def _only_pool_holds(buf: torch.Tensor) -> bool:
+def only_pool_holds(buf: torch.Tensor) -> bool:
+    """Whether nothing but the pool's own reference holds buf's memory (False when the
+    use count cannot be read: then nothing is reused). ops/rows.py's slot buffers ask too."""
     # references: buf itself, and the storage object made for this query
-    return _use_count(buf.untyped_storage()._cdata) == 2
+    return _use_count is not None and _use_count(buf.untyped_storage()._cdata) == 2
 
 
 def empty_like(param: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ def empty_like(param: torch.Tensor) -> torch.Tensor:
     if param.device.type != "cpu" or nbytes < MIN_BYTES or not enabled():
         return torch.empty_like(param, memory_format=torch.contiguous_format)
     buf = _pool.get(param)
-    if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or not _only_pool_holds(buf):
+    if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or not only_pool_holds(buf):
         buf = torch.empty_like(param, memory_format=torch.contiguous_format)
         _pool[param] = buf
     return buf.view(buf.shape)

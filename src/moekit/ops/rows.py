@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.ops import ext
+from moekit.ops import ext, grad_pool
 
 
 def applies(y_TD: torch.Tensor, src_nD: torch.Tensor) -> bool:
@@ -47,19 +47,17 @@ def sum_slots_reference(src_SD: torch.Tensor, K: int) -> torch.Tensor:
 # first write, every call. Smaller ones come from glibc's heap, already mapped.
 MIN_POOLED_BYTES = 8 * 2**20
 _pooled: dict[tuple, torch.Tensor] = {}
-_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, no reuse
 
 
 def slot_buffer(rows: int, width: int, like: torch.Tensor, zero: bool) -> torch.Tensor:
     """An uninitialised (rows, width) buffer like `like` (zeroed if `zero`). A big one is
     reused when nothing but this pool still holds it (the last call's sum is done)."""
     nbytes = rows * width * like.element_size()
-    if nbytes < MIN_POOLED_BYTES or _use_count is None or like.device.type != "cpu":
+    if nbytes < MIN_POOLED_BYTES or like.device.type != "cpu":
         return like.new_zeros(rows, width) if zero else like.new_empty(rows, width)
     key = (like.dtype, like.device)
     buf = _pooled.get(key)
-    # references when free: the dict's, and the storage object made for this query
-    if buf is None or buf.numel() < rows * width or _use_count(buf.untyped_storage()._cdata) != 2:
+    if buf is None or buf.numel() < rows * width or not grad_pool.only_pool_holds(buf):
         buf = _pooled[key] = like.new_empty(rows * width)
     out = buf[: rows * width].view(rows, width)
     return out.zero_() if zero else out

@@ -116,12 +116,13 @@ class _Combine:
         else:
             self.y = like_TD.new_zeros(T, D)
             self.buf = like_TD.new_empty(max(1, min(token_idx_R.shape[0], chunk_rows)), D)
+            self.rows = torch.arange(self.buf.shape[0])  # a chunk's rows go to buffer rows 0..n-1
 
     def dst(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, dst) for the kernel: rows r0..r1 go to out[dst]."""
         if self.K:
             return self.buf, self.slot[r0:r1].contiguous()
-        return self.buf, torch.arange(r1 - r0)
+        return self.buf, self.rows[: r1 - r0]
 
     def chunk_done(self, r0: int, r1: int) -> None:
         if not self.K:

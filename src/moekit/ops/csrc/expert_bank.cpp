@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "swiglu_rows.h"
+#include "vec_math.h"
 
 namespace at::native {
 // result = alpha · (mat1 @ mat2) + beta · result on oneDNN, into result as it lies.
@@ -96,18 +97,12 @@ std::vector<at::Tensor> thread_buffers(std::initializer_list<int64_t> widths, in
   return out;
 }
 
-// Rows are requested from memory this many rows ahead of their use. Why: the gathered
-// rows lie at random places and the saved pre-activations were written long before the
-// backward reads them; neither is in cache, and one thread's demand misses alone left
-// most of the memory bandwidth unused. Measured on the "many" layer (per thread and
-// chunk of ~8.5 experts, benchmarks' bank timers): the backward's two gathers 0.8 ->
-// 0.5 ms and its SwiGLU 0.55 -> 0.17 ms; distances 2 to 16 measured the same.
-constexpr int64_t AHEAD = 4;
-
-// all cache lines of a row of `floats` floats
-inline void prefetch_row(const float* p, int64_t floats) {
-  for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(p + c, 0, 3);
-}
+// The gathered rows lie at random places and the saved pre-activations were written
+// long before the backward reads them: both are prefetched PREFETCH_AHEAD rows early
+// (vec_math.h). Measured on the "many" layer (per thread and chunk of ~8.5 experts,
+// timers inside this kernel): the backward's two gathers 0.8 -> 0.5 ms and its SwiGLU
+// 0.55 -> 0.17 ms.
+constexpr int64_t AHEAD = moekit::PREFETCH_AHEAD;
 
 // rows src[idx[r]] into dst rows 0..n-1, zero rows n..m-1
 void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t n, int64_t m, const at::Tensor& dst) {
@@ -115,7 +110,7 @@ void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t n, int64_t m
   const float* sp = src.data_ptr<float>();
   float* dp = dst.data_ptr<float>();
   for (int64_t r = 0; r < n; ++r) {
-    if (r + AHEAD < n) prefetch_row(sp + idx[r + AHEAD] * st, W);
+    if (r + AHEAD < n) moekit::prefetch_floats(sp + idx[r + AHEAD] * st, W);
     std::memcpy(dp + r * W, sp + idx[r] * st, W * sizeof(float));
   }
   if (m > n) std::memset(dp + n * W, 0, (m - n) * W * sizeof(float));
@@ -254,7 +249,7 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
     float* dhp = dhm.data_ptr<float>();
     float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < n; ++r) {
-      if (r + AHEAD < n) prefetch_row(hp + (r + AHEAD) * N, N);
+      if (r + AHEAD < n) moekit::prefetch_floats(hp + (r + AHEAD) * N, N);
       const float* gr = hp + r * N;
       float* dg = dhp + r * N;
       const float dot = need_wout ? moekit::bwd_row<true>(gr, gr + F, up + r * F, wp[g.s + r], dg, dg + F, ap + r * F, F)

@@ -13,9 +13,11 @@
 #include <algorithm>
 #include <cstring>
 
+#include "vec_math.h"
+
 namespace {
 
-constexpr int64_t AHEAD = 4;
+constexpr int64_t AHEAD = moekit::PREFETCH_AHEAD;
 
 void index_add_rows_(const at::Tensor& y, const at::Tensor& idx, const at::Tensor& src) {
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && src.scalar_type() == at::kFloat,
@@ -35,8 +37,8 @@ void index_add_rows_(const at::Tensor& y, const at::Tensor& idx, const at::Tenso
   at::parallel_for(0, blocks, n * D < 32768 ? blocks : 1, [&](int64_t b0, int64_t b1) {
     const int64_t d0 = b0 * D / blocks, d1 = b1 * D / blocks;
     for (int64_t j = 0; j < n; ++j) {
-      if (j + AHEAD < n)  // y's rows lie at random places: ask for them early (expert_bank.cpp: AHEAD)
-        for (int64_t d = d0; d < d1; d += 16) __builtin_prefetch(yp + ip[j + AHEAD] * sy + d, 1, 3);
+      if (j + AHEAD < n)  // y's rows lie at random places: ask for them early
+        moekit::prefetch_floats<1>(yp + ip[j + AHEAD] * sy + d0, d1 - d0);
       float* yr = yp + ip[j] * sy;
       const float* sr = sp + j * ss;
       for (int64_t d = d0; d < d1; ++d) yr[d] += sr[d];

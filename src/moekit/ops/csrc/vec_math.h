@@ -29,6 +29,18 @@ inline float exp_approx(float x) {
 
 inline float sigmoid(float g) { return 1.0f / (1.0f + exp_approx(-g)); }
 
+// Rows read (or written) at random places are requested from memory this many rows
+// before their use: one thread's demand misses alone left most of the memory bandwidth
+// unused (expert_bank.cpp and rows.cpp say what it bought; distances 2 to 16 measured
+// the same).
+constexpr int64_t PREFETCH_AHEAD = 4;
+
+// every cache line of n floats from p; WRITE = 1 when they are about to be written
+template <int WRITE = 0>
+inline void prefetch_floats(const float* p, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(p + c, WRITE, 3);
+}
+
 // <w, a_i> for NR rows a_i at once, written to out[i * out_stride]: each weight vector is
 // loaded once for all of them, and 2·NR independent 16-wide partial sums keep the FMA
 // units busy (one chain would wait on its own latency); the compiler turns each inner j

@@ -15,6 +15,7 @@ Switches (off -> on):
   swiglu   the fused SwiGLU only (torch ops -> ops/swiglu.py)
   rows     the row scatter-add only (index_add_ -> ops/rows.py)
   byexpert whole experts per thread (grouped.py's chunk loop -> moe/experts/by_expert.py)
+  micro    the expert bank's products on oneDNN's matmul -> on its brgemm micro-kernel
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import layer as L  # noqa: E402  (benchmarks/layer.py: configs and the moekit layer)
 
 from moekit.moe.experts import by_expert, grouped  # noqa: E402
-from moekit.ops import ext, rows, topk  # noqa: E402
+from moekit.ops import ext, gemm, rows, topk  # noqa: E402
 
 _fused, _topk_applies, _rows_applies = grouped._fused_swiglu, topk.applies, rows.applies
+_micro_applies = gemm.bank_micro_kernel
 
 
 def _pool(on: bool) -> None:
@@ -62,8 +64,12 @@ def _byexpert(on: bool) -> None:
     by_expert.ENABLED = on
 
 
+def _micro(on: bool) -> None:
+    gemm.bank_micro_kernel = _micro_applies if on else (lambda *a: False)
+
+
 SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
-            "byexpert": _byexpert}
+            "byexpert": _byexpert, "micro": _micro}
 
 
 def main() -> None:

@@ -64,6 +64,15 @@ def _run(fn, tensors, ids, need, combine="slots"):
     return y.detach(), {n: t.grad for n, t in zip(names, leaves, strict=True) if n in need}
 
 
+# the products' kernel (ops/gemm.py: bank_micro_kernel): oneDNN's brgemm micro-kernel, or
+# its matmul with every expert's rows padded
+KERNELS = ["micro", "matmul"]
+
+
+def _kernel(monkeypatch, kernel):
+    monkeypatch.setattr(gemm, "bank_micro_kernel", lambda d, n_in: kernel == "micro")
+
+
 def _force_small_chunks(monkeypatch, rows=64):
     monkeypatch.setattr(by_expert, "MIN_CHUNK_ROWS", rows)
     monkeypatch.setattr(by_expert, "CHUNK_BYTES", 1)
@@ -88,8 +97,10 @@ NEEDS = [("x", "w_in", "w_out", "weights"), ("x",), ("w_in", "w_out"), ("weights
 @pytest.mark.parametrize("need", NEEDS, ids=lambda n: "+".join(n) or "no_grad")
 @pytest.mark.parametrize("rows", [64, 10_000])
 @pytest.mark.parametrize("combine", COMBINES)
-def test_matches_the_loop_oracle(monkeypatch, need, rows, combine):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matches_the_loop_oracle(monkeypatch, need, rows, combine, kernel):
     _force_small_chunks(monkeypatch, rows)
+    _kernel(monkeypatch, kernel)
     calls = _spy(monkeypatch)
     tensors = _problem()
     ids = tensors[3]
@@ -103,6 +114,25 @@ def test_matches_the_loop_oracle(monkeypatch, need, rows, combine):
         torch.testing.assert_close(fast[1][n], ref[1][n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     if "w_in" in need:  # experts without rows get exactly zero gradient
         assert fast[1]["w_in"][5].abs().max() == 0 and fast[1]["w_out"][5].abs().max() == 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_long_experts_match_the_loop_oracle(monkeypatch, kernel):
+    """Experts of 400+ rows in one chunk: several row blocks in every product and, in the
+    weight gradients, several blocks of the reduction over rows (expert_bank.cpp:
+    MICRO_ROWS, MICRO_DEPTH). Sums over 600 rows reach ~60, so the oracle runs in fp64 and
+    every result must be within 1e-5 of its tensor's largest value (the fp32 loop itself
+    is ~5e-7 off)."""
+    _force_small_chunks(monkeypatch, 10_000)
+    _kernel(monkeypatch, kernel)
+    x, w_in, w_out, ids, weights = _problem(T=700, E=6, K=2)
+    ids[:400] = torch.tensor([0, 1])
+    fast = _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0])
+    ref = _run(loop.loop_experts, tuple(t.double() for t in (x, w_in, w_out, weights)), ids, NEEDS[0])
+    for name, got, want in [("y", fast[0], ref[0])] + [(n, fast[1][n], ref[1][n]) for n in NEEDS[0]]:
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item(), (name, err)
+    assert fast[1]["w_in"][5].abs().max() == 0, "expert 5 has no rows (and counts stop at expert 4)"
 
 
 def test_small_chunks_split_experts(monkeypatch):
@@ -144,11 +174,13 @@ def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
 
 
 @pytest.mark.parametrize("combine", COMBINES)
-def test_results_do_not_depend_on_the_thread_count(monkeypatch, combine):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, combine, kernel):
     """Each expert's products run on one thread in a fixed order, and each token's rows
     are summed in a fixed order: 1 and 2 threads give bit-identical outputs and
     gradients (what exact resume relies on)."""
     _force_small_chunks(monkeypatch, 10_000)
+    _kernel(monkeypatch, kernel)
     tensors = _problem(T=400, E=16)
     x, w_in, w_out, ids, weights = tensors
     old = torch.get_num_threads()
@@ -187,10 +219,10 @@ def test_kernel_rejects_bad_segments_and_tokens():
     tok, w = torch.arange(10), torch.ones(10)
     fwd = ext.op("expert_bank_fwd")
     with pytest.raises(RuntimeError, match="segment 0"):
-        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, h, 32)
+        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True)
     with pytest.raises(RuntimeError, match="token index 10 out of range"):
-        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32)
+        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True)
     with pytest.raises(RuntimeError, match="destination row 10 out of range"):
-        fwd(x, tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok + 1, h, 32)
+        fwd(x, tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok + 1, h, 32, True)
     with pytest.raises(RuntimeError, match="x must be"):
-        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32)
+        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True)

@@ -7,7 +7,8 @@ whose halves are too small to run at full rate, the SwiGLU and a scatter-add, ea
 with its own fork and join. Under torch.profiler (benchmarks/profile_layer.py), the
 work besides the GEMMs took 22-39 ms of a 66-92 ms forward. Here one C++ call per
 chunk of rows gives each thread whole experts: it gathers the expert's rows into its
-own buffers, runs both products on its own core through oneDNN, applies the SwiGLU
+own buffers, runs both products on its own core through oneDNN (its brgemm
+micro-kernel for experts that fit in L2, ops/gemm.py: bank_micro_kernel), applies the SwiGLU
 and the routing weight, and writes the expert's output rows. The backward does the same
 per expert: dy · W_out, the SwiGLU backward, both weight gradients and dx rows.
 
@@ -141,18 +142,20 @@ class _ByExpertFFN(torch.autograd.Function):
         chunks = plan_segments(counts, chunk_rows(x_TD, N))
         keep_h = any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
         combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
+        micro = gemm.bank_micro_kernel(x_TD.shape[1], N)
         empty, hs = x_TD.new_empty(0), []
         for r0, r1, seg in chunks:
             tok = token_idx_R[r0:r1].contiguous()
             h_nN = x_TD.new_empty(r1 - r0, N) if keep_h else empty
             ext.op("expert_bank_fwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, *combine.dst(r0, r1),
-                                      h_nN, STEP)
+                                      h_nN, STEP, micro)
             combine.chunk_done(r0, r1)
             if keep_h:
                 hs.append(h_nN)
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, w_R, token_idx_R, slot_idx_R, *hs)
-        ctx.chunks, ctx.weights_dtype, ctx.top_k = chunks, weights_R.dtype, top_k
-        ctx.idle = [e for e, c in enumerate(counts) if c == 0]  # experts that got no rows
+        ctx.chunks, ctx.weights_dtype, ctx.top_k, ctx.micro = chunks, weights_R.dtype, top_k, micro
+        # experts that got no rows (counts may stop before the last experts)
+        ctx.idle = [e for e in range(w_in_END.shape[0]) if e >= len(counts) or counts[e] == 0]
         return combine.result()
 
     @staticmethod
@@ -170,7 +173,7 @@ class _ByExpertFFN(torch.autograd.Function):
             tok = token_idx_R[r0:r1].contiguous()
             ext.op("expert_bank_bwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, h_nN, dy_TD,
                                       *(dx.dst(r0, r1) if need_x else (empty, empty)),
-                                      dw_R[r0:r1] if need_w else empty, dw_in, dw_out, STEP)
+                                      dw_R[r0:r1] if need_w else empty, dw_in, dw_out, STEP, ctx.micro)
             if need_x:
                 dx.chunk_done(r0, r1)
         dx_TD = dx.result() if need_x else None

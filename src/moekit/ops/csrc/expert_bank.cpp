@@ -11,13 +11,27 @@
 // segment per expert. first-write = 1 where the backward writes the expert's weight
 // gradients (beta 0) rather than adding to them (a big expert spans several chunks).
 //
-// Each expert's rows are padded with zero rows to a multiple of `step` rows (fewer than
-// `step` stay as they are): oneDNN compiles a kernel per new shape (ops/gemm.py), and
-// zero rows stay zero through every stage, so they add nothing to any output.
+// The products run on one of two oneDNN kernels, chosen by the caller (ops/gemm.py:
+// bank_micro_kernel):
+//  - micro: the brgemm micro-kernel (torch's cpublas::brgemm), for experts whose weights
+//    fit in a core's L2. It wants both operands in rows (A: M x K, B: K x N), so the
+//    forward transposes the expert's weights and the weight gradients their left operand
+//    (dyᵀ, dhᵀ), each in cache (transpose_tile.h). Single-thread GFLOP/s on the
+//    reference machine (AMD EPYC, AVX-512; benchmarks/gemm.py's shapes): 215-235 where
+//    oneDNN's matmul reaches 180-200 (a · b and a · wᵀ) and 142-167 (aᵀ · b, the weight
+//    gradients); rows in blocks of MICRO_ROWS, the reduction in blocks of MICRO_DEPTH.
+//  - oneDNN's matmul otherwise (big experts: it blocks for the caches itself).
+// oneDNN compiles a kernel per new shape. For the matmul, each expert's rows are padded
+// with zero rows to a multiple of `step` rows (fewer than `step` stay as they are), and
+// zero rows stay zero through every stage, so they add nothing to any output. The
+// micro-kernel's shapes are bounded by its blocks instead: its forward and its dx and u
+// products run on the rows as they are; only the weight gradients, whose reduction runs
+// over the rows, keep the padding.
 // Every product of an expert runs on one thread in a fixed order, so the result does
 // not depend on the thread count or on which thread took the expert.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +41,7 @@
 #include <vector>
 
 #include "swiglu_rows.h"
+#include "transpose_tile.h"
 #include "vec_math.h"
 
 namespace at::native {
@@ -37,6 +52,32 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 }  // namespace at::native
 
 namespace {
+
+// Blocks of the micro-kernel's products. A/B of whole `tiny` training steps: rows in
+// blocks of 32 took 1.027 of the time of 64, 128 took 0.994; a reduction in blocks of 128
+// took 1.014 of 256, 512 took 0.992 (all within the noise but 32 and 128).
+constexpr int64_t MICRO_ROWS = 64, MICRO_DEPTH = 256;
+
+// C (M x N, row stride ldc) = A (M x K, lda) · B (K x N, ldb), plus C when add, on the
+// calling thread through the micro-kernel (where the CPU has none, torch falls back to
+// its own GEMM)
+void micro_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                float* C, int64_t ldc, bool add) {
+  for (int64_t m0 = 0; m0 < M; m0 += MICRO_ROWS) {
+    const int64_t mm = std::min(MICRO_ROWS, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += MICRO_DEPTH)
+      at::native::cpublas::brgemm(mm, N, std::min(MICRO_DEPTH, K - k0), lda, ldb, ldc, add || k0 > 0,
+                                  A + m0 * lda + k0, B + k0 * ldb, C + m0 * ldc, false);
+  }
+}
+
+// C (M x N) = A (K x M, row stride lda)ᵀ · B (K x N), plus C when add: Aᵀ goes to t
+// (M x K) first
+void micro_gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, float* t,
+                   float* C, bool add) {
+  moekit::transpose_cols(A, K, lda, 0, M, t, K);
+  micro_gemm(M, N, K, t, K, B, N, C, N, add);
+}
 
 struct Seg {
   int64_t e, s, t;
@@ -95,6 +136,13 @@ std::vector<at::Tensor> thread_buffers(std::initializer_list<int64_t> widths, in
     p += rows * w;
   }
   return out;
+}
+
+// n floats of the calling thread's own, like thread_buffers
+at::Tensor thread_scratch(int64_t n) {
+  thread_local std::vector<float> store;
+  if (static_cast<int64_t>(store.size()) < n) store.resize(n);
+  return at::from_blob(store.data(), {n}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // The gathered rows lie at random places and the saved pre-activations were written
@@ -167,14 +215,14 @@ void scatter_rows(const float* src, int64_t n, int64_t W, const int64_t* dst, co
 }
 
 struct FwdBufs {
-  at::Tensor x, h, a, o;
+  at::Tensor x, h, a, o, wt;
 };
 
 // out[dst[r]] = w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ for the chunk's rows r; h (rows, 2F)
 // gets the pre-activations when defined (saved for the backward)
 void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& dst,
-              const at::Tensor& h, int64_t step) {
+              const at::Tensor& h, int64_t step, bool micro) {
   check_common(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   const int64_t* dp = check_dst(out, dst, rows, D);
@@ -184,30 +232,41 @@ void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   const int64_t most = most_rows(segs, step);
   const int64_t* tp = tok.data_ptr<int64_t>();
   const float* wp = wts.data_ptr<float>();
+  // the routing weight scales a (F wide) or the output (D wide), whichever is narrower
+  const bool weight_a = F <= D;
   std::function<FwdBufs()> make = [&] {
     const std::vector<at::Tensor> v = thread_buffers({D, N, F, D}, most);
-    return FwdBufs{v[0], v[1], v[2], v[3]};
+    return FwdBufs{v[0], v[1], v[2], v[3], micro ? thread_scratch(N * D) : at::Tensor()};
   };
   for_each_segment(segs, make, [&](const Seg& g, FwdBufs& b) {
-    const int64_t n = g.t - g.s, m = padded(n, step);
-    const at::Tensor xm = b.x.narrow(0, 0, m), hm = b.h.narrow(0, 0, m), am = b.a.narrow(0, 0, m);
-    gather_rows(x, tp + g.s, n, m, xm);
-    at::native::mkldnn_matmul(xm, w_in[g.e].t(), hm, 0.0f, 1.0f);
-    if (keep_h) std::memcpy(h.data_ptr<float>() + g.s * N, hm.data_ptr<float>(), n * N * sizeof(float));
-    const float* hp = hm.data_ptr<float>();
-    float* ap = am.data_ptr<float>();
-    // the routing weight scales a (F wide) or the output (D wide), whichever is narrower
-    const bool weight_a = F <= D;
+    const int64_t n = g.t - g.s, m = micro ? n : padded(n, step);
+    float *xp = b.x.data_ptr<float>(), *ap = b.a.data_ptr<float>(), *op = b.o.data_ptr<float>();
+    // the micro-kernel writes h straight into the saved rows (no padding rows to spill)
+    float* hp = micro && keep_h ? h.data_ptr<float>() + g.s * N : b.h.data_ptr<float>();
+    gather_rows(x, tp + g.s, n, m, b.x.narrow(0, 0, m));
+    if (micro) {  // h = x · W_inᵀ, W_inᵀ laid out (D, 2F)
+      float* wt = b.wt.data_ptr<float>();
+      moekit::transpose_cols(w_in.data_ptr<float>() + g.e * N * D, N, D, 0, D, wt, N);
+      micro_gemm(m, N, D, xp, D, wt, N, hp, N, false);
+    } else {
+      at::native::mkldnn_matmul(b.x.narrow(0, 0, m), w_in[g.e].t(), b.h.narrow(0, 0, m), 0.0f, 1.0f);
+      if (keep_h) std::memcpy(h.data_ptr<float>() + g.s * N, hp, n * N * sizeof(float));
+    }
     for (int64_t r = 0; r < m; ++r)
       moekit::fwd_row(hp + r * N, hp + r * N + F, weight_a && r < n ? wp[g.s + r] : 1.0f, ap + r * F, F);
-    const at::Tensor om = b.o.narrow(0, 0, m);
-    at::native::mkldnn_matmul(am, w_out[g.e].t(), om, 0.0f, 1.0f);
-    scatter_rows(om.data_ptr<float>(), n, D, dp + g.s, weight_a ? nullptr : wp + g.s, out.data_ptr<float>());
+    if (micro) {  // o = a · W_outᵀ, W_outᵀ laid out (F, D)
+      float* wt = b.wt.data_ptr<float>();
+      moekit::transpose_cols(w_out.data_ptr<float>() + g.e * D * F, D, F, 0, F, wt, D);
+      micro_gemm(m, D, F, ap, F, wt, D, op, D, false);
+    } else {
+      at::native::mkldnn_matmul(b.a.narrow(0, 0, m), w_out[g.e].t(), b.o.narrow(0, 0, m), 0.0f, 1.0f);
+    }
+    scatter_rows(op, n, D, dp + g.s, weight_a ? nullptr : wp + g.s, out.data_ptr<float>());
   });
 }
 
 struct BwdBufs {
-  at::Tensor dy, u, dh, a, x, dx;
+  at::Tensor dy, u, dh, a, x, dx, t;
 };
 
 // Given dy (T, D) and the forward's h (rows, 2F): dx rows into dx_out[dst[r]], the
@@ -217,7 +276,7 @@ struct BwdBufs {
 void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& dy,
               const at::Tensor& dx_out, const at::Tensor& dst, const at::Tensor& dw, const at::Tensor& dw_in,
-              const at::Tensor& dw_out, int64_t step) {
+              const at::Tensor& dw_out, int64_t step, bool micro) {
   check_common(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   check_rows(h, "h", rows, N);
@@ -235,19 +294,21 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   const int64_t* tp = tok.data_ptr<int64_t>();
   const float* wp = wts.data_ptr<float>();
   std::function<BwdBufs()> make = [&] {
-    const std::vector<at::Tensor> v = thread_buffers({D, F, N, F, D, D}, most);
-    return BwdBufs{v[0], v[1], v[2], v[3], v[4], v[5]};
+    // micro: one more buffer for the transposed left operand of the weight gradients
+    const std::vector<at::Tensor> v = thread_buffers({D, F, N, F, D, D, micro ? std::max(D, N) : 0}, most);
+    return BwdBufs{v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
   };
   for_each_segment(segs, make, [&](const Seg& g, BwdBufs& b) {
-    const int64_t n = g.t - g.s, m = padded(n, step);
-    const at::Tensor dym = b.dy.narrow(0, 0, m), um = b.u.narrow(0, 0, m), dhm = b.dh.narrow(0, 0, m);
-    const at::Tensor am = b.a.narrow(0, 0, m);
-    gather_rows(dy, tp + g.s, n, m, dym);
-    at::native::mkldnn_matmul(dym, w_out[g.e], um, 0.0f, 1.0f);  // u = dy · W_out: reaches w·a
+    // m: rows padded (the weight gradients' reduction); k: the rows the other products run on
+    const int64_t n = g.t - g.s, m = padded(n, step), k = micro ? n : m;
+    float *dyp = b.dy.data_ptr<float>(), *up = b.u.data_ptr<float>(), *dhp = b.dh.data_ptr<float>();
+    float *ap = b.a.data_ptr<float>(), *tr = micro ? b.t.data_ptr<float>() : nullptr;
+    gather_rows(dy, tp + g.s, n, m, b.dy.narrow(0, 0, m));
+    if (micro)  // u = dy · W_out: reaches w·a
+      micro_gemm(k, F, D, dyp, D, w_out.data_ptr<float>() + g.e * D * F, F, up, F, false);
+    else
+      at::native::mkldnn_matmul(b.dy.narrow(0, 0, k), w_out[g.e], b.u.narrow(0, 0, k), 0.0f, 1.0f);
     const float* hp = h.data_ptr<float>() + g.s * N;
-    const float* up = um.data_ptr<float>();
-    float* dhp = dhm.data_ptr<float>();
-    float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < n; ++r) {
       if (r + AHEAD < n) moekit::prefetch_floats(hp + (r + AHEAD) * N, N);
       const float* gr = hp + r * N;
@@ -261,27 +322,38 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
       if (need_wout) std::memset(ap + n * F, 0, (m - n) * F * sizeof(float));
     }
     const float beta = g.first ? 0.0f : 1.0f;
-    if (need_wout) at::native::mkldnn_matmul(dym.t(), am, dw_out[g.e], beta, 1.0f);  // dy_ᵀ (w·a)
-    if (need_win) {
-      const at::Tensor xm = b.x.narrow(0, 0, m);
-      gather_rows(x, tp + g.s, n, m, xm);
-      at::native::mkldnn_matmul(dhm.t(), xm, dw_in[g.e], beta, 1.0f);  // dhᵀ x
+    if (need_wout) {  // dyᵀ (w·a)
+      if (micro)
+        micro_gemm_tn(D, F, m, dyp, D, ap, tr, dw_out.data_ptr<float>() + g.e * D * F, !g.first);
+      else
+        at::native::mkldnn_matmul(b.dy.narrow(0, 0, m).t(), b.a.narrow(0, 0, m), dw_out[g.e], beta, 1.0f);
     }
-    if (need_x) {
-      const at::Tensor dxm = b.dx.narrow(0, 0, m);
-      at::native::mkldnn_matmul(dhm, w_in[g.e], dxm, 0.0f, 1.0f);  // dh · W_in
-      scatter_rows(dxm.data_ptr<float>(), n, D, dp + g.s, nullptr, dx_out.data_ptr<float>());
+    if (need_win) {  // dhᵀ x
+      gather_rows(x, tp + g.s, n, m, b.x.narrow(0, 0, m));
+      if (micro)
+        micro_gemm_tn(N, D, m, dhp, N, b.x.data_ptr<float>(), tr, dw_in.data_ptr<float>() + g.e * N * D, !g.first);
+      else
+        at::native::mkldnn_matmul(b.dh.narrow(0, 0, m).t(), b.x.narrow(0, 0, m), dw_in[g.e], beta, 1.0f);
+    }
+    if (need_x) {  // dh · W_in
+      if (micro)
+        micro_gemm(k, D, N, dhp, N, w_in.data_ptr<float>() + g.e * N * D, D, b.dx.data_ptr<float>(), D, false);
+      else
+        at::native::mkldnn_matmul(b.dh.narrow(0, 0, k), w_in[g.e], b.dx.narrow(0, 0, k), 0.0f, 1.0f);
+      scatter_rows(b.dx.data_ptr<float>(), n, D, dp + g.s, nullptr, dx_out.data_ptr<float>());
     }
   });
 }
 
 }  // namespace
 
+
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, "
-        "Tensor(a!) out, Tensor dst, Tensor(b!) h, int step) -> ()");
+        "Tensor(a!) out, Tensor dst, Tensor(b!) h, int step, bool micro) -> ()");
   m.def("expert_bank_bwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, Tensor h, "
-        "Tensor dy, Tensor(a!) dx_out, Tensor dst, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, int step) -> ()");
+        "Tensor dy, Tensor(a!) dx_out, Tensor dst, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, int step, "
+        "bool micro) -> ()");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
   m.impl("expert_bank_fwd", bank_fwd);

@@ -13,45 +13,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
-#include <utility>
 
-#include "vec_math.h"
+#include "transpose_tile.h"
 
 namespace {
 
-using moekit::v16;
-using moekit::vload;
-using moekit::vstore;
-
 constexpr int64_t T = 16;
-
-// One stage of the block-swap transpose: rows i and i+b (b = 8, 4, 2, 1) trade the b x b
-// blocks off the diagonal ([[A, B], [C, D]]ᵀ = [[Aᵀ, Cᵀ], [Bᵀ, Dᵀ]], recursively).
-// Shuffle lane indices 16.. pick from the second row.
-constexpr int lo_lane(int b, int j) { return (j & b) ? 16 + j - b : j; }
-constexpr int hi_lane(int b, int j) { return (j & b) ? 16 + j : j + b; }
-
-template <int b, int... J>
-inline void stage(v16* r, std::integer_sequence<int, J...>) {
-  for (int i = 0; i < 16; ++i) {
-    if (i & b) continue;
-    const v16 x = r[i], y = r[i + b];
-    r[i] = __builtin_shufflevector(x, y, lo_lane(b, J)...);
-    r[i + b] = __builtin_shufflevector(x, y, hi_lane(b, J)...);
-  }
-}
-
-void tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  v16 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = vload(src + i * lds);
-  constexpr auto lanes = std::make_integer_sequence<int, 16>{};
-  stage<8>(r, lanes);
-  stage<4>(r, lanes);
-  stage<2>(r, lanes);
-  stage<1>(r, lanes);
-  for (int i = 0; i < 16; ++i) vstore(dst + i * ldd, r[i]);
-}
 
 // out (N, M) contiguous = x (M, N)ᵀ, x with unit column stride and any row stride
 void transpose_into(const at::Tensor& x, const at::Tensor& out) {
@@ -69,13 +36,8 @@ void transpose_into(const at::Tensor& x, const at::Tensor& out) {
   const int64_t Nt = (N + T - 1) / T;
   at::parallel_for(0, Nt, 4, [&](int64_t begin, int64_t end) {
     for (int64_t bj = begin; bj < end; ++bj) {
-      const int64_t j0 = bj * T, nj = std::min(T, N - j0);
-      int64_t i0 = 0;
-      if (nj == T) {
-        for (; i0 + T <= M; i0 += T) tile(src + i0 * lds + j0, lds, dst + j0 * M + i0, M);
-      }
-      for (int64_t j = j0; j < j0 + nj; ++j)  // the ragged edges, element by element
-        for (int64_t i = i0; i < M; ++i) dst[j * M + i] = src[i * lds + j];
+      const int64_t j0 = bj * T;
+      moekit::transpose_cols(src, M, lds, j0, std::min(N, j0 + T), dst, M);
     }
   });
 }

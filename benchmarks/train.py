@@ -38,6 +38,9 @@ Session 8 (prefetching and slot sums in the expert bank, 100 warm-up steps), `--
 --steps 10`: MoE/dense 0.816, 0.840, 0.856, 0.828, 0.839; MoE/HF 2.20x and 2.18x (the
 runs where it was read). With 30 warm-up steps the timed rounds still held the MoE's
 oneDNN kernel compiles (see run_rounds).
+Session 9 (the bank's products on oneDNN's brgemm micro-kernel, ops/gemm.py:
+bank_micro_kernel; glibc keeps freed memory, training/heap.py, for all three models as
+`moekit train` does): see the numbers below.
   On a loaded machine 2-thread times mostly measure the scheduler (OpenMP barriers wait
   for descheduled threads); compare the CPU-second table, or rerun when idle.
 """
@@ -53,6 +56,7 @@ import torch
 
 from moekit.models import LMConfig, MoELM, get_preset
 from moekit.models.lm import lm_loss
+from moekit.training import keep_freed_memory
 
 Step = Callable[[torch.Tensor], None]
 
@@ -243,9 +247,13 @@ def main() -> None:
                    "(default: its own default, grouped_mm); e.g. eager, batched_mm")
     p.add_argument("--breakdown", action="store_true", help="also time each block part")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--glibc-heap", action="store_true", help="keep glibc's default malloc thresholds "
+                   "(moekit train sets them, training/heap.py; this run then sets them for no model)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x seq {args.seq}")
+    kept = False if args.glibc_heap else keep_freed_memory()  # process-wide: every model alike
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
+          f"freed memory kept (training/heap.py): {kept}")
     wall, cpu = run_rounds(build_all(args), args)
     report(wall, "wall-clock")
     report(cpu, "process CPU")

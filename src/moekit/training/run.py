@@ -25,6 +25,7 @@ from moekit.distributed.launch import NullReporter, init_ep_run
 from moekit.models import LMConfig, MoELM, get_preset
 from moekit.training.checkpoint import latest_checkpoint, remove_temp_dirs
 from moekit.training.config import TrainConfig, merge_dicts
+from moekit.training.heap import keep_freed_memory
 from moekit.training.loop import CHECKPOINTS, fit, train_flops_per_token
 from moekit.training.metrics import Reporter, truncate_metrics
 from moekit.training.trainer import Trainer
@@ -118,6 +119,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     lm_cfg = model_config(cfg, data.tokenizer.vocab_size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # see training/heap.py
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device) if ctx is None else ctx.device
     model = MoELM(lm_cfg).to(device)

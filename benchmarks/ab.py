@@ -6,7 +6,8 @@ Each round times A then B, the next round B then A (ABBA), so drift in machine l
 and order effects hit both; it prints the median times and the median of the per-round
 ratios B/A (below 1: the switch helps). The layers are benchmarks/layer.py's moekit
 layers (fwd = inference forward under no_grad; fb = forward + backward, gradients set
-to None before each call, as a training loop with zero_grad(set_to_none=True) does).
+to None before each call, as a training loop with zero_grad(set_to_none=True) does);
+step = 5 whole training steps of the `tiny` preset (then --config plays no part).
 
 Switches (off -> on):
   pool     ops/grad_pool.py (MOEKIT_GRAD_POOL=0 -> 1)
@@ -72,9 +73,37 @@ SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu
             "byexpert": _byexpert, "micro": _micro}
 
 
+def _train_step(steps: int = 5):
+    """`steps` whole training steps of the `tiny` preset (fresh batches of 16 x 128 bytes,
+    AdamW), after 100 warm-up steps (oneDNN's kernel compiles, benchmarks/train.py)."""
+    from moekit.models import MoELM, get_preset
+
+    torch.manual_seed(0)
+    model = MoELM(get_preset("tiny", 260)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator().manual_seed(1)
+
+    def step() -> None:
+        ids = torch.randint(0, 256, (16, 128), generator=gen)
+        targets = torch.roll(ids, -1, 1)
+        targets[:, -1] = -100
+        out = model(ids, targets_BS=targets)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def run() -> None:
+        for _ in range(steps):
+            step()
+
+    for _ in range(100 // steps):
+        run()
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", default="fb", choices=["fwd", "fb"])
+    ap.add_argument("--mode", default="fb", choices=["fwd", "fb", "step"])
     ap.add_argument("--switch", default="pool", choices=list(SWITCHES))
     ap.add_argument("--rounds", type=int, default=10)
     a, s = L.parse_with_config(ap, "many", list(L.CONFIGS))
@@ -92,7 +121,7 @@ def main() -> None:
         with torch.no_grad():
             layer(x)
 
-    run, switch = (fb if a.mode == "fb" else fwd), SWITCHES[a.switch]
+    run, switch = {"fb": fb, "fwd": fwd, "step": _train_step()}[a.mode], SWITCHES[a.switch]
     times: dict[bool, list[float]] = {False: [], True: []}
     for on in (False, True):  # warm-up of both settings
         switch(on)

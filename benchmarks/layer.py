@@ -35,6 +35,14 @@ ratio = throughput / the limit's throughput in the same mode (the limit = the fa
 and dense-gemm; 1.0 is the limit for an MoE layer).
 The machine may be shared: absolute times drift, interleaved ratios much less.
 
+Allocator: the timing process first sets glibc's malloc thresholds as `moekit train` does
+(training/heap.py), for every implementation alike; --glibc-heap keeps glibc's defaults.
+Under the defaults, buffers freed and reallocated on every call came back as fresh pages
+for some implementations and not others, depending on the process's history: the dense
+limit on `many` (32 MiB intermediates) measured 45-49 ms forward and 135-147 ms
+forward+backward, against 36 and 116 ms with the thresholds set (session 9), which
+made the MoE/dense ratios look ~25% better than they are.
+
 Peak memory (fine, fwd+bwd): each implementation runs in a fresh subprocess, which builds
 the layer and its input, runs one warm-up fwd+bwd, drops the gradients, then resets the
 kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs resets VmHWM), runs one
@@ -72,6 +80,7 @@ import torch
 from torch import nn
 
 from moekit.ops import grad_pool
+from moekit.training import keep_freed_memory
 
 THREADS = 2
 ALWAYS = ("dense", "dense-gemm", "moekit")
@@ -461,6 +470,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu = process CPU time: robust on a busy machine, but only with --threads 1")
+    ap.add_argument("--glibc-heap", action="store_true",
+                    help="keep glibc's default malloc thresholds (see 'Allocator' above)")
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     global CLOCK
@@ -469,7 +480,9 @@ def main() -> None:
     if a._peak:
         print(json.dumps(peak_memory_child(*a._peak)))
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32")
+    kept = False if a.glibc_heap else keep_freed_memory()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, "
+          f"freed memory kept (training/heap.py): {kept}")
     only = a.impls.split(",") if a.impls else None
     names = list(CONFIGS) if a.config == "all" else [a.config] if a.config in CONFIGS else []
     for name in names:

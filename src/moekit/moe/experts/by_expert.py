@@ -15,15 +15,16 @@ per expert: dy · W_out, the SwiGLU backward, both weight gradients and dx rows.
 The combine: each output row goes to its slot t·K + k of a (T·K, D) buffer, and y is
 each token's K slots summed in order (ops/rows.py: sum_slots; the gather-then-sum
 "unpermute" of Megatron-Core and torchtitan). Each y row is written once: no zero fill
-of y and no read-modify-write of it, which scattering rows into y needs. That pays
-while the slot buffer stays in cache: A/B of whole `tiny` training steps (2 threads,
-ABBA, 16 rounds of 5 steps, twice) 0.986 and 0.971 of the time. Past SLOT_MAX_BYTES it
-streams through memory, while a chunk's rows scatter-added into y stay in cache: on the
-"many" layer (64 MiB of slots) the forward measured 1.046 and 1.114 of the scatter's
-time (and the forward+backward 0.974 and 0.981: within this machine's noise). So big
-layers, and plans without a slot count (top_k 0), scatter-add each chunk's rows into a
-zeroed y (ops/rows.py: index_add_). Where some slots hold no row (drops) the buffer is
-zeroed first. dx goes the same way.
+of y and no read-modify-write of it, which scattering rows into y needs. A/B of whole
+`tiny` training steps (2 threads, ABBA, 16 rounds of 5 steps, twice): 0.986 and 0.971
+of the scatter's time. With glibc's thresholds set (training/heap.py) it also pays on
+bigger layers, whose slot buffer streams through memory: "many" (64 MiB of slots)
+forward 0.951 and 0.946 (30 ABBA rounds each), forward+backward 0.989; "fine"
+(128 MiB) 0.980 and 0.984. (Under glibc's defaults the many forward had measured 1.046
+and 1.114.) Past SLOT_MAX_BYTES (twice the largest buffer measured) the memory is not
+spent: such layers, and plans without a slot count (top_k 0), scatter-add each
+chunk's rows, 8 MiB at a time, into a zeroed y (ops/rows.py: index_add_). Where some slots hold no
+row (drops) the buffer is zeroed first. dx goes the same way.
 
 Memory: each thread keeps its buffers for the next call (about
 (largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per
@@ -51,7 +52,7 @@ from moekit.ops import rows as row_ops
 # thread busy
 CHUNK_BYTES = 8 * 2**20
 # the largest (T·K, D) slot buffer the combine sums from (see the docstring)
-SLOT_MAX_BYTES = 16 * 2**20
+SLOT_MAX_BYTES = 256 * 2**20
 MIN_CHUNK_ROWS = 1024
 MIN_EXPERTS_PER_THREAD = 2
 # rows of each expert are padded to a multiple of this (see ops/gemm.py: SHAPE_STEP)

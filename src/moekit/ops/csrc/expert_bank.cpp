@@ -17,9 +17,10 @@
 //    fit in a core's L2. It wants both operands in rows (A: M x K, B: K x N), so the
 //    forward transposes the expert's weights and the weight gradients their left operand
 //    (dyᵀ, dhᵀ), each in cache (transpose_tile.h). Single-thread GFLOP/s on the
-//    reference machine (AMD EPYC, AVX-512; benchmarks/gemm.py's shapes): 215-235 where
-//    oneDNN's matmul reaches 180-200 (a · b and a · wᵀ) and 142-167 (aᵀ · b, the weight
-//    gradients); rows in blocks of MICRO_ROWS, the reduction in blocks of MICRO_DEPTH.
+//    reference machine (AMD EPYC, AVX-512; a C++ loop over each product of the tiny and
+//    many experts, session 9): 215-235 where oneDNN's matmul reaches 180-200 (a · b and
+//    a · wᵀ) and 142-167 (aᵀ · b, the weight gradients). Rows go in blocks of
+//    MICRO_ROWS, the reduction in blocks of MICRO_DEPTH.
 //  - oneDNN's matmul otherwise (big experts: it blocks for the caches itself).
 // oneDNN compiles a kernel per new shape. For the matmul, each expert's rows are padded
 // with zero rows to a multiple of `step` rows (fewer than `step` stay as they are), and

@@ -72,12 +72,32 @@ void micro_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
   }
 }
 
-// C (M x N) = A (K x M, row stride lda)ᵀ · B (K x N), plus C when add: Aᵀ goes to t
-// (M x K) first
-void micro_gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, float* t,
-                   float* C, bool add) {
-  moekit::transpose_cols(A, K, lda, 0, M, t, K);
-  micro_gemm(M, N, K, t, K, B, N, C, N, add);
+// The three forms of an expert's products, on the micro-kernel or oneDNN's matmul. Every
+// operand is a row-major matrix (a view with unit column stride); `t` is room for the
+// operand the micro-kernel wants transposed.
+
+// c = a · b: a (M, K), b (K, N), c (M, N)
+void mm(bool micro, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  if (!micro) return at::native::mkldnn_matmul(a, b, c, 0.0f, 1.0f);
+  micro_gemm(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
+             c.data_ptr<float>(), c.stride(0), false);
+}
+
+// c = a · wᵀ: a (M, K), w (N, K), c (M, N); the micro-kernel reads wᵀ from t (K x N)
+void mm_nt(bool micro, const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, float* t) {
+  if (!micro) return at::native::mkldnn_matmul(a, w.t(), c, 0.0f, 1.0f);
+  const int64_t N = w.size(0), K = w.size(1);
+  moekit::transpose_cols(w.data_ptr<float>(), N, w.stride(0), 0, K, t, N);
+  micro_gemm(a.size(0), N, K, a.data_ptr<float>(), a.stride(0), t, N, c.data_ptr<float>(), c.stride(0), false);
+}
+
+// c = aᵀ · b, plus c when add: a (R, M), b (R, N), c (M, N); the micro-kernel reads aᵀ
+// from t (M x R)
+void mm_tn(bool micro, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool add, float* t) {
+  if (!micro) return at::native::mkldnn_matmul(a.t(), b, c, add ? 1.0f : 0.0f, 1.0f);
+  const int64_t R = a.size(0), M = a.size(1);
+  moekit::transpose_cols(a.data_ptr<float>(), R, a.stride(0), 0, M, t, R);
+  micro_gemm(M, b.size(1), R, t, R, b.data_ptr<float>(), b.stride(0), c.data_ptr<float>(), c.stride(0), add);
 }
 
 struct Seg {
@@ -241,28 +261,20 @@ void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   };
   for_each_segment(segs, make, [&](const Seg& g, FwdBufs& b) {
     const int64_t n = g.t - g.s, m = micro ? n : padded(n, step);
-    float *xp = b.x.data_ptr<float>(), *ap = b.a.data_ptr<float>(), *op = b.o.data_ptr<float>();
-    // the micro-kernel writes h straight into the saved rows (no padding rows to spill)
-    float* hp = micro && keep_h ? h.data_ptr<float>() + g.s * N : b.h.data_ptr<float>();
-    gather_rows(x, tp + g.s, n, m, b.x.narrow(0, 0, m));
-    if (micro) {  // h = x · W_inᵀ, W_inᵀ laid out (D, 2F)
-      float* wt = b.wt.data_ptr<float>();
-      moekit::transpose_cols(w_in.data_ptr<float>() + g.e * N * D, N, D, 0, D, wt, N);
-      micro_gemm(m, N, D, xp, D, wt, N, hp, N, false);
-    } else {
-      at::native::mkldnn_matmul(b.x.narrow(0, 0, m), w_in[g.e].t(), b.h.narrow(0, 0, m), 0.0f, 1.0f);
-      if (keep_h) std::memcpy(h.data_ptr<float>() + g.s * N, hp, n * N * sizeof(float));
-    }
+    float* wt = micro ? b.wt.data_ptr<float>() : nullptr;
+    const at::Tensor xm = b.x.narrow(0, 0, m), am = b.a.narrow(0, 0, m), om = b.o.narrow(0, 0, m);
+    // the micro-kernel writes h straight into the saved rows (it has no padding rows to spill)
+    const bool direct = micro && keep_h;
+    const at::Tensor hm = direct ? h.narrow(0, g.s, n) : b.h.narrow(0, 0, m);
+    gather_rows(x, tp + g.s, n, m, xm);
+    mm_nt(micro, xm, w_in[g.e], hm, wt);
+    if (keep_h && !direct) std::memcpy(h.data_ptr<float>() + g.s * N, hm.data_ptr<float>(), n * N * sizeof(float));
+    const float* hp = hm.data_ptr<float>();
+    float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < m; ++r)
       moekit::fwd_row(hp + r * N, hp + r * N + F, weight_a && r < n ? wp[g.s + r] : 1.0f, ap + r * F, F);
-    if (micro) {  // o = a · W_outᵀ, W_outᵀ laid out (F, D)
-      float* wt = b.wt.data_ptr<float>();
-      moekit::transpose_cols(w_out.data_ptr<float>() + g.e * D * F, D, F, 0, F, wt, D);
-      micro_gemm(m, D, F, ap, F, wt, D, op, D, false);
-    } else {
-      at::native::mkldnn_matmul(b.a.narrow(0, 0, m), w_out[g.e].t(), b.o.narrow(0, 0, m), 0.0f, 1.0f);
-    }
-    scatter_rows(op, n, D, dp + g.s, weight_a ? nullptr : wp + g.s, out.data_ptr<float>());
+    mm_nt(micro, am, w_out[g.e], om, wt);
+    scatter_rows(om.data_ptr<float>(), n, D, dp + g.s, weight_a ? nullptr : wp + g.s, out.data_ptr<float>());
   });
 }
 
@@ -302,14 +314,14 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   for_each_segment(segs, make, [&](const Seg& g, BwdBufs& b) {
     // m: rows padded (the weight gradients' reduction); k: the rows the other products run on
     const int64_t n = g.t - g.s, m = padded(n, step), k = micro ? n : m;
-    float *dyp = b.dy.data_ptr<float>(), *up = b.u.data_ptr<float>(), *dhp = b.dh.data_ptr<float>();
-    float *ap = b.a.data_ptr<float>(), *tr = micro ? b.t.data_ptr<float>() : nullptr;
-    gather_rows(dy, tp + g.s, n, m, b.dy.narrow(0, 0, m));
-    if (micro)  // u = dy · W_out: reaches w·a
-      micro_gemm(k, F, D, dyp, D, w_out.data_ptr<float>() + g.e * D * F, F, up, F, false);
-    else
-      at::native::mkldnn_matmul(b.dy.narrow(0, 0, k), w_out[g.e], b.u.narrow(0, 0, k), 0.0f, 1.0f);
+    float* tr = micro ? b.t.data_ptr<float>() : nullptr;
+    const at::Tensor dym = b.dy.narrow(0, 0, m), dhm = b.dh.narrow(0, 0, m), am = b.a.narrow(0, 0, m);
+    gather_rows(dy, tp + g.s, n, m, dym);
+    mm(micro, dym.narrow(0, 0, k), w_out[g.e], b.u.narrow(0, 0, k));  // u = dy · W_out: reaches w·a
     const float* hp = h.data_ptr<float>() + g.s * N;
+    const float* up = b.u.data_ptr<float>();
+    float* dhp = dhm.data_ptr<float>();
+    float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < n; ++r) {
       if (r + AHEAD < n) moekit::prefetch_floats(hp + (r + AHEAD) * N, N);
       const float* gr = hp + r * N;
@@ -322,32 +334,21 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
       std::memset(dhp + n * N, 0, (m - n) * N * sizeof(float));
       if (need_wout) std::memset(ap + n * F, 0, (m - n) * F * sizeof(float));
     }
-    const float beta = g.first ? 0.0f : 1.0f;
-    if (need_wout) {  // dyᵀ (w·a)
-      if (micro)
-        micro_gemm_tn(D, F, m, dyp, D, ap, tr, dw_out.data_ptr<float>() + g.e * D * F, !g.first);
-      else
-        at::native::mkldnn_matmul(b.dy.narrow(0, 0, m).t(), b.a.narrow(0, 0, m), dw_out[g.e], beta, 1.0f);
-    }
+    if (need_wout) mm_tn(micro, dym, am, dw_out[g.e], !g.first, tr);  // dyᵀ (w·a)
     if (need_win) {  // dhᵀ x
-      gather_rows(x, tp + g.s, n, m, b.x.narrow(0, 0, m));
-      if (micro)
-        micro_gemm_tn(N, D, m, dhp, N, b.x.data_ptr<float>(), tr, dw_in.data_ptr<float>() + g.e * N * D, !g.first);
-      else
-        at::native::mkldnn_matmul(b.dh.narrow(0, 0, m).t(), b.x.narrow(0, 0, m), dw_in[g.e], beta, 1.0f);
+      const at::Tensor xm = b.x.narrow(0, 0, m);
+      gather_rows(x, tp + g.s, n, m, xm);
+      mm_tn(micro, dhm, xm, dw_in[g.e], !g.first, tr);
     }
     if (need_x) {  // dh · W_in
-      if (micro)
-        micro_gemm(k, D, N, dhp, N, w_in.data_ptr<float>() + g.e * N * D, D, b.dx.data_ptr<float>(), D, false);
-      else
-        at::native::mkldnn_matmul(b.dh.narrow(0, 0, k), w_in[g.e], b.dx.narrow(0, 0, k), 0.0f, 1.0f);
-      scatter_rows(b.dx.data_ptr<float>(), n, D, dp + g.s, nullptr, dx_out.data_ptr<float>());
+      const at::Tensor dxm = b.dx.narrow(0, 0, k);
+      mm(micro, dhm.narrow(0, 0, k), w_in[g.e], dxm);
+      scatter_rows(dxm.data_ptr<float>(), n, D, dp + g.s, nullptr, dx_out.data_ptr<float>());
     }
   });
 }
 
 }  // namespace
-
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, "

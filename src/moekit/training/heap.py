@@ -7,10 +7,12 @@ OS once more than the trim threshold is free. Buffers that come back that way ar
 pages: a page fault and a zero fill for every 4 KiB touched. How often that happens
 depends on the process's allocation history, so it varies from run to run.
 
-Measured on the `tiny` preset and its dense twin (2 threads, steps 120-250 of one
-process, /tmp/s9/onef.py in session 9): without this, 109-1287 minor faults per MoE step
-and 400-875 per dense step over three runs; with it, 0.6 and 4.1. Step medians in the
-same pair of runs: MoE 52.1 -> 47.6 ms, dense 45.8 -> 44.0 ms.
+Measured on the `tiny` preset and its dense twin (2 threads, minor faults counted with
+getrusage over steps 120-250 of one process, session 9): with glibc's defaults,
+109-1287 per MoE step and 400-875 per dense step over three runs; with this called after
+the imports, as `moekit train` does, 4.9-8.8 and 0.1 over two runs (0.6 and 4.1 with the
+same thresholds set through the environment before start). Step medians in one pair of
+runs (environment): MoE 52.1 -> 47.6 ms, dense 45.8 -> 44.0 ms.
 
 `keep_freed_memory` fixes the mmap threshold at 32 MiB (glibc's own ceiling for the
 dynamic value on 64-bit) and the trim threshold at 256 MiB, so up to 256 MiB of freed

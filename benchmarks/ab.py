@@ -17,6 +17,7 @@ Switches (off -> on):
   rows     the row scatter-add only (index_add_ -> ops/rows.py)
   byexpert whole experts per thread (grouped.py's chunk loop -> moe/experts/by_expert.py)
   micro    the expert bank's products on oneDNN's matmul -> on its brgemm micro-kernel
+  stream   the bank's slot-buffer rows written with plain -> non-temporal stores
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from moekit.ops import ext, gemm, rows, topk  # noqa: E402
 
 _fused, _topk_applies, _rows_applies = grouped._fused_swiglu, topk.applies, rows.applies
 _micro_applies = gemm.bank_micro_kernel
+_stream_min = by_expert.STREAM_MIN_BYTES
 
 
 def _pool(on: bool) -> None:
@@ -69,8 +71,13 @@ def _micro(on: bool) -> None:
     gemm.bank_micro_kernel = _micro_applies if on else (lambda *a: False)
 
 
+def _stream(on: bool) -> None:
+    by_expert.STREAM_MIN_BYTES = _stream_min if on else 2**62
+
+
 SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
-            "byexpert": _byexpert, "micro": _micro}
+            "byexpert": _byexpert, "micro": _micro,
+            "stream": _stream}
 
 
 def _train_step(steps: int = 5):

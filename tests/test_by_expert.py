@@ -135,6 +135,37 @@ def test_long_experts_match_the_loop_oracle(monkeypatch, kernel):
     assert fast[1]["w_in"][5].abs().max() == 0, "expert 5 has no rows (and counts stop at expert 4)"
 
 
+@pytest.mark.parametrize("combine", ["slots", "drops"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_streamed_slot_writes_change_nothing(monkeypatch, combine, kernel):
+    """Slot buffers past STREAM_MIN_BYTES are written with non-temporal stores
+    (expert_bank.cpp: scatter_rows): outputs and gradients equal the plain stores' bit for
+    bit, and the kernels really got stream=True."""
+    _force_small_chunks(monkeypatch, 64)
+    _kernel(monkeypatch, kernel)
+    tensors = _problem()
+    x, w_in, w_out, ids, weights = tensors
+    flags = []
+    real_op = ext.op
+
+    def spy_op(name):
+        fn = real_op(name)
+        return (lambda *a: flags.append((name, a[-1])) or fn(*a)) if name.startswith("expert_bank") else fn
+
+    monkeypatch.setattr(ext, "op", spy_op)
+    out = {}
+    for limit in (2**62, 0):
+        monkeypatch.setattr(by_expert, "STREAM_MIN_BYTES", limit)
+        flags.clear()
+        out[limit] = _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0], combine)
+        assert {f for _, f in flags} == {limit == 0}
+        assert {n for n, _ in flags} == {"expert_bank_fwd", "expert_bank_bwd"}
+    (y_a, g_a), (y_b, g_b) = out.values()
+    assert torch.equal(y_a, y_b)
+    for n in NEEDS[0]:
+        assert torch.equal(g_a[n], g_b[n]), n
+
+
 def test_small_chunks_split_experts(monkeypatch):
     """The chunk plan really splits experts, and marks only their first segment first-write."""
     chunks = by_expert.plan_segments([70, 0, 5, 130], 64)
@@ -219,10 +250,10 @@ def test_kernel_rejects_bad_segments_and_tokens():
     tok, w = torch.arange(10), torch.ones(10)
     fwd = ext.op("expert_bank_fwd")
     with pytest.raises(RuntimeError, match="segment 0"):
-        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True)
+        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True, False)
     with pytest.raises(RuntimeError, match="token index 10 out of range"):
-        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True)
+        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True, False)
     with pytest.raises(RuntimeError, match="destination row 10 out of range"):
-        fwd(x, tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok + 1, h, 32, True)
+        fwd(x, tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok + 1, h, 32, True, False)
     with pytest.raises(RuntimeError, match="x must be"):
-        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True)
+        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True, False)

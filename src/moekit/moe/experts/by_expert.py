@@ -24,7 +24,8 @@ forward 0.951 and 0.946 (30 ABBA rounds each), forward+backward 0.989; "fine"
 and 1.114.) Past SLOT_MAX_BYTES (twice the largest buffer measured) the memory is not
 spent: such layers, and plans without a slot count (top_k 0), scatter-add each
 chunk's rows, 8 MiB at a time, into a zeroed y (ops/rows.py: index_add_). Where some slots hold no
-row (drops) the buffer is zeroed first. dx goes the same way.
+row (drops) the buffer is zeroed first. dx goes the same way. Slot buffers from
+STREAM_MIN_BYTES up are written with non-temporal stores (expert_bank.cpp: scatter_rows).
 
 Memory: each thread keeps its buffers for the next call (about
 (largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per
@@ -53,6 +54,10 @@ from moekit.ops import rows as row_ops
 CHUNK_BYTES = 8 * 2**20
 # the largest (T·K, D) slot buffer the combine sums from (see the docstring)
 SLOT_MAX_BYTES = 256 * 2**20
+# slot buffers from this size up are written with non-temporal stores (expert_bank.cpp:
+# scatter_rows): they outgrow the caches (32 MiB of L3 on the reference machine) before
+# the sum reads them back. Smaller ones (a `tiny` layer's: 2 MiB) stay in cache for it.
+STREAM_MIN_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 1024
 MIN_EXPERTS_PER_THREAD = 2
 # rows of each expert are padded to a multiple of this (see ops/gemm.py: SHAPE_STEP)
@@ -113,6 +118,7 @@ class _Combine:
         if T * top_k * D * like_TD.element_size() > SLOT_MAX_BYTES:
             top_k = 0
         self.tok, self.slot, self.K = token_idx_R, slot_idx_R, top_k
+        self.stream = top_k > 0 and T * top_k * D * like_TD.element_size() >= STREAM_MIN_BYTES
         if top_k:
             self.buf = row_ops.slot_buffer(T * top_k, D, like_TD, zero=slot_idx_R.shape[0] < T * top_k)
         else:
@@ -149,7 +155,7 @@ class _ByExpertFFN(torch.autograd.Function):
             tok = token_idx_R[r0:r1].contiguous()
             h_nN = x_TD.new_empty(r1 - r0, N) if keep_h else empty
             ext.op("expert_bank_fwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, *combine.dst(r0, r1),
-                                      h_nN, STEP, micro)
+                                      h_nN, STEP, micro, combine.stream)
             combine.chunk_done(r0, r1)
             if keep_h:
                 hs.append(h_nN)
@@ -174,7 +180,8 @@ class _ByExpertFFN(torch.autograd.Function):
             tok = token_idx_R[r0:r1].contiguous()
             ext.op("expert_bank_bwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, h_nN, dy_TD,
                                       *(dx.dst(r0, r1) if need_x else (empty, empty)),
-                                      dw_R[r0:r1] if need_w else empty, dw_in, dw_out, STEP, ctx.micro)
+                                      dw_R[r0:r1] if need_w else empty, dw_in, dw_out, STEP, ctx.micro,
+                                      dx is not None and dx.stream)
             if need_x:
                 dx.chunk_done(r0, r1)
         dx_TD = dx.result() if need_x else None

@@ -61,7 +61,8 @@ def _apply_flags(d: dict, preset: str | None, data: str | None, out: str | None)
 
 
 def train_command(
-    preset: str = typer.Option(None, help="model preset: tiny (default), dense, mixtral-like, deepseek-like"),
+    preset: str = typer.Option(None, help="model preset: tiny (default), dense, micro, micro-dense, mixtral-like, "
+                               "deepseek-like"),
     config: Path = typer.Option(None, "--config", help="TOML file: top-level train keys and the tables data and model"),
     set_: list[str] = typer.Option(None, "--set", help="override: --set steps=100 --set data.tokenizer=bpe "
                                    "--set model.moe.top_k=1 (repeatable)"),

@@ -76,8 +76,7 @@ def _stream(on: bool) -> None:
 
 
 SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
-            "byexpert": _byexpert, "micro": _micro,
-            "stream": _stream}
+            "byexpert": _byexpert, "micro": _micro, "stream": _stream}
 
 
 def _train_step(steps: int = 5):

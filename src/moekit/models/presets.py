@@ -50,12 +50,16 @@ def active_matched_d_ff(moe: MoEConfig) -> int:
     return moe.top_k * moe.d_ff + shared + round(moe.num_experts / c)
 
 
+def dense_twin(base: LMConfig) -> LMConfig:
+    """base with every MoE layer replaced by a dense FFN of the same active parameters."""
+    return base.replace(moe=None, dense_d_ff=active_matched_d_ff(base.moe), ffn_kind=base.moe.expert)
+
+
 @PRESETS.register("dense")
 def dense(vocab_size: int = 260) -> LMConfig:
     """`tiny` with every MoE layer replaced by a dense FFN of the same active parameters
     (active_matched_d_ff): the baseline for "does MoE help at equal compute per token"."""
-    base = tiny(vocab_size)
-    return base.replace(moe=None, dense_d_ff=active_matched_d_ff(base.moe), ffn_kind=base.moe.expert)
+    return dense_twin(tiny(vocab_size))
 
 
 @PRESETS.register("micro")
@@ -78,8 +82,7 @@ def micro(vocab_size: int = 260) -> LMConfig:
 @PRESETS.register("micro-dense")
 def micro_dense(vocab_size: int = 260) -> LMConfig:
     """`micro` with each MoE layer a dense FFN of the same active parameters."""
-    base = micro(vocab_size)
-    return base.replace(moe=None, dense_d_ff=active_matched_d_ff(base.moe), ffn_kind=base.moe.expert)
+    return dense_twin(micro(vocab_size))
 
 
 @PRESETS.register("mixtral-like")

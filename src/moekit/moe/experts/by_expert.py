@@ -115,10 +115,11 @@ class _Combine:
     def __init__(self, like_TD: torch.Tensor, token_idx_R: torch.Tensor, slot_idx_R: torch.Tensor, top_k: int,
                  chunk_rows: int) -> None:
         T, D = like_TD.shape
-        if T * top_k * D * like_TD.element_size() > SLOT_MAX_BYTES:
+        slot_bytes = T * top_k * D * like_TD.element_size()
+        if slot_bytes > SLOT_MAX_BYTES:
             top_k = 0
         self.tok, self.slot, self.K = token_idx_R, slot_idx_R, top_k
-        self.stream = top_k > 0 and T * top_k * D * like_TD.element_size() >= STREAM_MIN_BYTES
+        self.stream = top_k > 0 and slot_bytes >= STREAM_MIN_BYTES
         if top_k:
             self.buf = row_ops.slot_buffer(T * top_k, D, like_TD, zero=slot_idx_R.shape[0] < T * top_k)
         else:

@@ -18,6 +18,7 @@ Switches (off -> on):
   byexpert whole experts per thread (grouped.py's chunk loop -> moe/experts/by_expert.py)
   micro    the expert bank's products on oneDNN's matmul -> on its brgemm micro-kernel
   stream   the bank's slot-buffer rows written with plain -> non-temporal stores
+  onecall  the bank's kernels called once per chunk -> once over all chunks
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ def _stream(on: bool) -> None:
     by_expert.STREAM_MIN_BYTES = _stream_min if on else 2**62
 
 
+def _onecall(on: bool) -> None:
+    by_expert.ONE_CALL = on
+
+
 SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
-            "byexpert": _byexpert, "micro": _micro, "stream": _stream}
+            "byexpert": _byexpert, "micro": _micro, "stream": _stream, "onecall": _onecall}
 
 
 def _train_step(steps: int = 5):

@@ -166,6 +166,24 @@ def test_streamed_slot_writes_change_nothing(monkeypatch, combine, kernel):
         assert torch.equal(g_a[n], g_b[n]), n
 
 
+@pytest.mark.parametrize("combine", COMBINES)
+def test_one_kernel_call_over_all_chunks(monkeypatch, combine):
+    """With a slot buffer the forward and the backward each make one kernel call over
+    every chunk (no join of the threads between chunks); the chunk-by-chunk scatter makes
+    one per chunk. Small chunks split experts, so the backward's per-expert tasks hold
+    several segments, and the oracle test above checks their results."""
+    _force_small_chunks(monkeypatch, 64)
+    names = []
+    real_op = ext.op
+    monkeypatch.setattr(ext, "op", lambda name: names.append(name) or real_op(name))
+    x, w_in, w_out, ids, weights = _problem()
+    _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0], combine)
+    chunks = len(by_expert.plan_segments(torch.bincount(ids.flatten()).tolist(), 64))
+    calls = 1 if combine != "scatter" else chunks
+    assert chunks > 10
+    assert names.count("expert_bank_fwd") == calls and names.count("expert_bank_bwd") == calls
+
+
 def test_small_chunks_split_experts(monkeypatch):
     """The chunk plan really splits experts, and marks only their first segment first-write."""
     chunks = by_expert.plan_segments([70, 0, 5, 130], 64)
@@ -246,14 +264,29 @@ def test_takes_only_what_it_serves(monkeypatch, case, expect):
 
 def test_kernel_rejects_bad_segments_and_tokens():
     x, w_in, w_out, ids, weights = _problem(T=10, E=4, K=1, empty=())
-    out, h = torch.empty(10, 32), torch.empty(0)
+    out = torch.empty(10, 32)
     tok, w = torch.arange(10), torch.ones(10)
-    fwd = ext.op("expert_bank_fwd")
+    fwd, bwd = ext.op("expert_bank_fwd"), ext.op("expert_bank_bwd")
+    seg = torch.tensor([[0, 0, 10, 1]])
     with pytest.raises(RuntimeError, match="segment 0"):
-        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True, False)
+        fwd(x, tok, w, torch.tensor([[9, 0, 10, 1]]), w_in, w_out, out, tok, [], [], 32, True, False)
     with pytest.raises(RuntimeError, match="token index 10 out of range"):
-        fwd(x, torch.full((10,), 10), w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True, False)
+        fwd(x, torch.full((10,), 10), w, seg, w_in, w_out, out, tok, [], [], 32, True, False)
     with pytest.raises(RuntimeError, match="destination row 10 out of range"):
-        fwd(x, tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok + 1, h, 32, True, False)
+        fwd(x, tok, w, seg, w_in, w_out, out, tok + 1, [], [], 32, True, False)
     with pytest.raises(RuntimeError, match="x must be"):
-        fwd(x.double(), tok, w, torch.tensor([[0, 0, 10, 1]]), w_in, w_out, out, tok, h, 32, True, False)
+        fwd(x.double(), tok, w, seg, w_in, w_out, out, tok, [], [], 32, True, False)
+    # the saved pre-activations: blocks that do not cover a segment, or a wrong width
+    two = torch.tensor([[0, 0, 4, 1], [1, 4, 10, 1]])
+    with pytest.raises(RuntimeError, match="not inside one block of h"):
+        fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(5, 48), torch.empty(5, 48)], [0, 5], 32, True, False)
+    with pytest.raises(RuntimeError, match="each block of h"):
+        fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(10, 47)], [0], 32, True, False)
+    with pytest.raises(RuntimeError, match="2 blocks of h but 1 row starts"):
+        fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(4, 48), torch.empty(6, 48)], [0], 32, True, False)
+    # the backward hands an expert's segments to one thread: they must follow each other
+    apart = torch.tensor([[0, 0, 3, 1], [1, 3, 6, 1], [0, 6, 10, 0]])
+    e = torch.empty(0)
+    with pytest.raises(RuntimeError, match="segments must follow each other"):
+        bwd(x, tok, w, apart, w_in, w_out, [torch.empty(10, 48)], [0], torch.randn(10, 32), e, e, e,
+            torch.empty_like(w_in), e, 32, True, False)

@@ -5,8 +5,8 @@ the threads. With many small experts (the "many" layer: 128 experts of ~256 rows
 width 512) every expert then costs a Python iteration, a gather, two oneDNN calls
 whose halves are too small to run at full rate, the SwiGLU and a scatter-add, each
 with its own fork and join. Under torch.profiler (benchmarks/profile_layer.py), the
-work besides the GEMMs took 22-39 ms of a 66-92 ms forward. Here one C++ call per
-chunk of rows gives each thread whole experts: it gathers the expert's rows into its
+work besides the GEMMs took 22-39 ms of a 66-92 ms forward. Here C++ calls give each
+thread whole experts: it gathers the expert's rows into its
 own buffers, runs both products on its own core through oneDNN (its brgemm
 micro-kernel for experts that fit in L2, ops/gemm.py: bank_micro_kernel), applies the SwiGLU
 and the routing weight, and writes the expert's output rows. The backward does the same
@@ -26,6 +26,16 @@ spent: such layers, and plans without a slot count (top_k 0), scatter-add each
 chunk's rows, 8 MiB at a time, into a zeroed y (ops/rows.py: index_add_). Where some slots hold no
 row (drops) the buffer is zeroed first. dx goes the same way. Slot buffers from
 STREAM_MIN_BYTES up are written with non-temporal stores (expert_bank.cpp: scatter_rows).
+
+Calls: the rows are planned in chunks of about CHUNK_BYTES (a big expert split into
+segments across chunks), which bound the threads' buffers and the blocks of the saved
+pre-activations (each below glibc's mmap threshold). With a slot buffer, one kernel
+call covers every chunk: the threads join once per forward and once per backward
+rather than once per chunk, each time waiting for the other's last expert. The
+backward hands an expert's segments to one thread together (they write the same weight
+gradients). Measured on "many" (8 chunks; `benchmarks/ab.py --switch onecall`, ABBA
+in one process): forward+backward 0.982, 0.982 and 0.995 of the per-chunk calls' time,
+forward 0.994 and 0.977, on a noisy machine. The scatter path still calls once per chunk.
 
 Memory: each thread keeps its buffers for the next call (about
 (largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per
@@ -63,6 +73,9 @@ MIN_EXPERTS_PER_THREAD = 2
 # rows of each expert are padded to a multiple of this (see ops/gemm.py: SHAPE_STEP)
 STEP = gemm.SHAPE_STEP
 ENABLED = os.environ.get("MOEKIT_BY_EXPERT", "1") != "0"
+# with a slot buffer, one kernel call over all chunks (False: a call per chunk, as the
+# scatter path does; benchmarks/ab.py --switch onecall)
+ONE_CALL = True
 
 
 def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
@@ -141,6 +154,19 @@ class _Combine:
         return row_ops.sum_slots(self.buf, self.K) if self.K else self.y
 
 
+def _calls(chunks: list[tuple[int, int, torch.Tensor]], one: bool, hs: list[torch.Tensor]):
+    """The kernel calls over the chunks: (row start, row end, seg, h blocks, their first rows).
+    one: a single call over all rows (segments with rows of the call, each chunk's h a
+    block); else a call per chunk, its rows as the call's."""
+    if not one:
+        for c, (r0, r1, seg) in enumerate(chunks):
+            yield r0, r1, seg, hs[c:c + 1], [0] if hs else []
+        return
+    if chunks:
+        seg = torch.cat([seg + torch.tensor([0, r0, r0, 0]) for r0, _, seg in chunks])
+        yield 0, chunks[-1][1], seg, hs, [r0 for r0, _, _ in chunks] if hs else []
+
+
 class _ByExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, slot_idx_R, top_k, counts):
@@ -151,15 +177,12 @@ class _ByExpertFFN(torch.autograd.Function):
         keep_h = any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
         combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
         micro = gemm.bank_micro_kernel(x_TD.shape[1], N)
-        empty, hs = x_TD.new_empty(0), []
-        for r0, r1, seg in chunks:
-            tok = token_idx_R[r0:r1].contiguous()
-            h_nN = x_TD.new_empty(r1 - r0, N) if keep_h else empty
-            ext.op("expert_bank_fwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, *combine.dst(r0, r1),
-                                      h_nN, STEP, micro, combine.stream)
+        # the saved pre-activations in a block per chunk (each below glibc's mmap threshold)
+        hs = [x_TD.new_empty(r1 - r0, N) for r0, r1, _ in chunks] if keep_h else []
+        for r0, r1, seg, h, h_rows in _calls(chunks, ONE_CALL and combine.K > 0, hs):
+            ext.op("expert_bank_fwd")(x_TD, token_idx_R[r0:r1].contiguous(), w_R[r0:r1], seg, w_in_END,
+                                      w_out_EDF, *combine.dst(r0, r1), h, h_rows, STEP, micro, combine.stream)
             combine.chunk_done(r0, r1)
-            if keep_h:
-                hs.append(h_nN)
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, w_R, token_idx_R, slot_idx_R, *hs)
         ctx.chunks, ctx.weights_dtype, ctx.top_k, ctx.micro = chunks, weights_R.dtype, top_k, micro
         # experts that got no rows (counts may stop before the last experts)
@@ -177,10 +200,9 @@ class _ByExpertFFN(torch.autograd.Function):
         dw_R = x_TD.new_empty(w_R.shape) if need_w else empty
         dx = _Combine(x_TD, token_idx_R, slot_idx_R, ctx.top_k, ctx.chunks[0][1] if ctx.chunks else 1) \
             if need_x else None
-        for (r0, r1, seg), h_nN in zip(ctx.chunks, hs, strict=True):
-            tok = token_idx_R[r0:r1].contiguous()
-            ext.op("expert_bank_bwd")(x_TD, tok, w_R[r0:r1], seg, w_in_END, w_out_EDF, h_nN, dy_TD,
-                                      *(dx.dst(r0, r1) if need_x else (empty, empty)),
+        for r0, r1, seg, h, h_rows in _calls(ctx.chunks, ONE_CALL and (dx is None or dx.K > 0), hs):
+            ext.op("expert_bank_bwd")(x_TD, token_idx_R[r0:r1].contiguous(), w_R[r0:r1], seg, w_in_END, w_out_EDF,
+                                      h, h_rows, dy_TD, *(dx.dst(r0, r1) if need_x else (empty, empty)),
                                       dw_R[r0:r1] if need_w else empty, dw_in, dw_out, STEP, ctx.micro,
                                       dx is not None and dx.stream)
             if need_x:

@@ -3,13 +3,18 @@
 // applies the SwiGLU, all in its own cache-sized buffers. moe/experts/by_expert.py is the
 // Python side and says why; moe/experts/grouped.py's chunk loop is the reference.
 //
-// A chunk's rows are sorted by expert; each row's output (and, in the backward, its dx
+// A call's rows are sorted by expert; each row's output (and, in the backward, its dx
 // row) goes to the row dst[r] of out: its slot t·K + k when the caller sums slots per
 // token afterwards (moe/experts/by_expert.py), or r for a chunk buffer it scatter-adds.
-// seg (S, 4) int64 lists the chunk's segments as
-// (expert, first row, end row, first-write) with rows relative to the chunk, at most one
-// segment per expert. first-write = 1 where the backward writes the expert's weight
-// gradients (beta 0) rather than adding to them (a big expert spans several chunks).
+// seg (S, 4) int64 lists the call's segments as (expert, first row, end row, first-write)
+// with rows relative to the call. An expert's rows may be split into several segments
+// (they bound the threads' buffers); such segments follow each other, and first-write = 1
+// marks the one where the backward writes the expert's weight gradients (beta 0) rather
+// than adding to them. The saved pre-activations h come as a list of row blocks (h[c]
+// holds rows h_rows[c] ..): blocks below glibc's mmap threshold, so that they are not
+// fresh pages on every call; no segment spans two blocks.
+// The forward hands segments to threads one at a time; the backward hands out an expert's
+// segments together, to one thread, in order (they write the same weight gradients).
 //
 // The products run on one of two oneDNN kernels, chosen by the caller (ops/gemm.py:
 // bank_micro_kernel):
@@ -131,16 +136,61 @@ int64_t most_rows(const std::vector<Seg>& segs, int64_t step) {
   return most;
 }
 
-// f(segment, buffers) for every segment, handed out one at a time (experts differ in size)
+// A task: a run of segments [begin, end) that one thread takes at once.
+struct Task {
+  int64_t begin, end, rows;
+};
+
+// f(segment index, buffers) for every segment of every task, the tasks handed out one at
+// a time (experts differ in size)
 template <class Bufs, class Fn>
-void for_each_segment(const std::vector<Seg>& segs, const std::function<Bufs()>& make, const Fn& f) {
+void for_each_task(const std::vector<Task>& tasks, const std::function<Bufs()>& make, const Fn& f) {
   std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(segs.size());
+  const int64_t n = static_cast<int64_t>(tasks.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Bufs b = make();
-    for (int64_t i; (i = next.fetch_add(1)) < n;) f(segs[i], b);
+    for (int64_t i; (i = next.fetch_add(1)) < n;)
+      for (int64_t j = tasks[i].begin; j < tasks[i].end; ++j) f(j, b);
   });
+}
+
+// One task per segment (the forward), or per run of one expert's segments (the backward),
+// the longest first: the last tasks to start are the short ones, so the threads finish
+// close together. Each task writes rows and weight gradients no other task writes, so
+// the order changes no result.
+std::vector<Task> make_tasks(const std::vector<Seg>& segs, bool by_expert) {
+  std::vector<Task> out;
+  for (int64_t i = 0; i < static_cast<int64_t>(segs.size()); ++i) {
+    const int64_t n = segs[i].t - segs[i].s;
+    if (by_expert && !out.empty() && segs[out.back().begin].e == segs[i].e) {
+      out.back().end = i + 1;
+      out.back().rows += n;
+    } else {
+      TORCH_CHECK(!by_expert || std::none_of(out.begin(), out.end(), [&](const Task& t) { return segs[t.begin].e == segs[i].e; }),
+                  "expert_bank: an expert's segments must follow each other");  // else two threads write its gradients
+      out.push_back({i, i + 1, n});
+    }
+  }
+  std::stable_sort(out.begin(), out.end(), [](const Task& a, const Task& b) { return a.rows > b.rows; });
+  return out;
+}
+
+// where each segment's rows of h start: h[c] holds rows h_rows[c] .. h_rows[c] + h[c].size(0)
+// of the call, (rows, width) contiguous float32; every segment must lie inside one block
+std::vector<float*> h_rows_of(const std::vector<Seg>& segs, at::TensorList h, at::IntArrayRef h_rows, int64_t width) {
+  TORCH_CHECK(h.size() == h_rows.size(), "expert_bank: ", h.size(), " blocks of h but ", h_rows.size(), " row starts");
+  for (const at::Tensor& b : h)
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.dim() == 2 && b.size(1) == width,
+                "expert_bank: each block of h must be contiguous float32 (rows, ", width, ")");
+  std::vector<float*> out;
+  for (const Seg& g : segs) {
+    const auto c = std::upper_bound(h_rows.begin(), h_rows.end(), g.s) - h_rows.begin() - 1;
+    TORCH_CHECK(c >= 0 && g.t <= h_rows[c] + h[c].size(0), "expert_bank: rows ", g.s, "..", g.t,
+                " are not inside one block of h");
+    out.push_back(h[c].data_ptr<float>() + (g.s - h_rows[c]) * width);
+  }
+  return out;
 }
 
 // The calling thread's buffers, (rows, width) each, carved from one block that lives as
@@ -260,17 +310,17 @@ struct FwdBufs {
   at::Tensor x, h, a, o, wt;
 };
 
-// out[dst[r]] = w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ for the chunk's rows r; h (rows, 2F)
-// gets the pre-activations when defined (saved for the backward)
+// out[dst[r]] = w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ for the call's rows r; h (blocks of
+// (rows, 2F)) gets the pre-activations when given (saved for the backward)
 void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& dst,
-              const at::Tensor& h, int64_t step, bool micro, bool stream) {
+              at::TensorList h, at::IntArrayRef h_rows, int64_t step, bool micro, bool stream) {
   check_common(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   const int64_t* dp = check_dst(out, dst, rows, D);
-  const bool keep_h = h.defined() && h.numel() > 0;
-  if (keep_h) check_rows(h, "h", rows, N);
   const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
+  const bool keep_h = !h.empty();
+  const std::vector<float*> hseg = keep_h ? h_rows_of(segs, h, h_rows, N) : std::vector<float*>();
   const int64_t most = most_rows(segs, step);
   const int64_t* tp = tok.data_ptr<int64_t>();
   const float* wp = wts.data_ptr<float>();
@@ -280,16 +330,18 @@ void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
     const std::vector<at::Tensor> v = thread_buffers({D, N, F, D}, most);
     return FwdBufs{v[0], v[1], v[2], v[3], micro ? thread_scratch(N * D) : at::Tensor()};
   };
-  for_each_segment(segs, make, [&](const Seg& g, FwdBufs& b) {
+  for_each_task(make_tasks(segs, false), make, [&](int64_t i, FwdBufs& b) {
+    const Seg& g = segs[i];
     const int64_t n = g.t - g.s, m = micro ? n : padded(n, step);
     float* wt = micro ? b.wt.data_ptr<float>() : nullptr;
     const at::Tensor xm = b.x.narrow(0, 0, m), am = b.a.narrow(0, 0, m), om = b.o.narrow(0, 0, m);
     // the micro-kernel writes h straight into the saved rows (it has no padding rows to spill)
     const bool direct = micro && keep_h;
-    const at::Tensor hm = direct ? h.narrow(0, g.s, n) : b.h.narrow(0, 0, m);
+    const at::Tensor hm = direct ? at::from_blob(hseg[i], {n, N}, at::TensorOptions().dtype(at::kFloat))
+                                 : b.h.narrow(0, 0, m);
     gather_rows(x, tp + g.s, n, m, xm);
     mm_nt(micro, xm, w_in[g.e], hm, wt);
-    if (keep_h && !direct) std::memcpy(h.data_ptr<float>() + g.s * N, hm.data_ptr<float>(), n * N * sizeof(float));
+    if (keep_h && !direct) std::memcpy(hseg[i], hm.data_ptr<float>(), n * N * sizeof(float));
     const float* hp = hm.data_ptr<float>();
     float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < m; ++r)
@@ -308,12 +360,12 @@ struct BwdBufs {
 // (first-write) or added into dw_in (E, 2F, D) and dw_out (E, D, F). Undefined or empty
 // outputs are not computed.
 void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
-              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& dy,
+              const at::Tensor& w_in, const at::Tensor& w_out, at::TensorList h, at::IntArrayRef h_rows,
+              const at::Tensor& dy,
               const at::Tensor& dx_out, const at::Tensor& dst, const at::Tensor& dw, const at::Tensor& dw_in,
               const at::Tensor& dw_out, int64_t step, bool micro, bool stream) {
   check_common(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
-  check_rows(h, "h", rows, N);
   TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous() && dy.sizes() == x.sizes(),
               "expert_bank: dy must be contiguous float32 like x");
   const bool need_x = dx_out.numel() > 0, need_w = dw.numel() > 0;
@@ -324,22 +376,25 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   TORCH_CHECK(!need_win || (dw_in.sizes() == w_in.sizes() && dw_in.is_contiguous() && dw_in.scalar_type() == at::kFloat), "expert_bank: dw_in must be like w_in");
   TORCH_CHECK(!need_wout || (dw_out.sizes() == w_out.sizes() && dw_out.is_contiguous() && dw_out.scalar_type() == at::kFloat), "expert_bank: dw_out must be like w_out");
   const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
+  const std::vector<float*> hseg = h_rows_of(segs, h, h_rows, N);
   const int64_t most = most_rows(segs, step);
   const int64_t* tp = tok.data_ptr<int64_t>();
   const float* wp = wts.data_ptr<float>();
   std::function<BwdBufs()> make = [&] {
     // micro: one more buffer for the transposed left operand of the weight gradients
+    // micro: one more buffer for the transposed left operand of the weight gradients
     const std::vector<at::Tensor> v = thread_buffers({D, F, N, F, D, D, micro ? std::max(D, N) : 0}, most);
     return BwdBufs{v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
   };
-  for_each_segment(segs, make, [&](const Seg& g, BwdBufs& b) {
+  for_each_task(make_tasks(segs, true), make, [&](int64_t i, BwdBufs& b) {
+    const Seg& g = segs[i];
     // m: rows padded (the weight gradients' reduction); k: the rows the other products run on
     const int64_t n = g.t - g.s, m = padded(n, step), k = micro ? n : m;
     float* tr = micro ? b.t.data_ptr<float>() : nullptr;
     const at::Tensor dym = b.dy.narrow(0, 0, m), dhm = b.dh.narrow(0, 0, m), am = b.a.narrow(0, 0, m);
     gather_rows(dy, tp + g.s, n, m, dym);
     mm(micro, dym.narrow(0, 0, k), w_out[g.e], b.u.narrow(0, 0, k));  // u = dy · W_out: reaches w·a
-    const float* hp = h.data_ptr<float>() + g.s * N;
+    const float* hp = hseg[i];
     const float* up = b.u.data_ptr<float>();
     float* dhp = dhm.data_ptr<float>();
     float* ap = am.data_ptr<float>();
@@ -373,10 +428,10 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, "
-        "Tensor(a!) out, Tensor dst, Tensor(b!) h, int step, bool micro, bool stream) -> ()");
-  m.def("expert_bank_bwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, Tensor h, "
-        "Tensor dy, Tensor(a!) dx_out, Tensor dst, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, int step, "
-        "bool micro, bool stream) -> ()");
+        "Tensor(a!) out, Tensor dst, Tensor(b!)[] h, int[] h_rows, int step, bool micro, bool stream) -> ()");
+  m.def("expert_bank_bwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, Tensor[] h, "
+        "int[] h_rows, Tensor dy, Tensor(a!) dx_out, Tensor dst, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, "
+        "int step, bool micro, bool stream) -> ()");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
   m.impl("expert_bank_fwd", bank_fwd);

@@ -35,7 +35,8 @@ rather than once per chunk, each time waiting for the other's last expert. The
 backward hands an expert's segments to one thread together (they write the same weight
 gradients). Measured on "many" (8 chunks; `benchmarks/ab.py --switch onecall`, ABBA
 in one process): forward+backward 0.982, 0.982 and 0.995 of the per-chunk calls' time,
-forward 0.994 and 0.977, on a noisy machine. The scatter path still calls once per chunk.
+forward 0.994 and 0.977, on a noisy machine; "fine" forward+backward 0.967; 5 `tiny`
+training steps 1.003 (one chunk there). The scatter path still calls once per chunk.
 
 Memory: each thread keeps its buffers for the next call (about
 (largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per

@@ -282,6 +282,8 @@ def test_kernel_rejects_bad_segments_and_tokens():
         fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(5, 48), torch.empty(5, 48)], [0, 5], 32, True, False)
     with pytest.raises(RuntimeError, match="each block of h"):
         fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(10, 47)], [0], 32, True, False)
+    with pytest.raises(RuntimeError, match="row starts of h must ascend"):
+        fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(6, 48), torch.empty(4, 48)], [4, 0], 32, True, False)
     with pytest.raises(RuntimeError, match="2 blocks of h but 1 row starts"):
         fwd(x, tok, w, two, w_in, w_out, out, tok, [torch.empty(4, 48), torch.empty(6, 48)], [0], 32, True, False)
     # the backward hands an expert's segments to one thread: they must follow each other

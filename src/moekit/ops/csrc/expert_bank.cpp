@@ -177,17 +177,19 @@ std::vector<Task> make_tasks(const std::vector<Seg>& segs, bool by_expert) {
 }
 
 // where each segment's rows of h start: h[c] holds rows h_rows[c] .. h_rows[c] + h[c].size(0)
-// of the call, (rows, width) contiguous float32; every segment must lie inside one block
+// of the call, (rows, width) contiguous float32, the starts ascending; every segment must
+// lie inside one block
 std::vector<float*> h_rows_of(const std::vector<Seg>& segs, at::TensorList h, at::IntArrayRef h_rows, int64_t width) {
   TORCH_CHECK(h.size() == h_rows.size(), "expert_bank: ", h.size(), " blocks of h but ", h_rows.size(), " row starts");
+  TORCH_CHECK(std::is_sorted(h_rows.begin(), h_rows.end()), "expert_bank: the row starts of h must ascend");
   for (const at::Tensor& b : h)
     TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.dim() == 2 && b.size(1) == width,
                 "expert_bank: each block of h must be contiguous float32 (rows, ", width, ")");
   std::vector<float*> out;
   for (const Seg& g : segs) {
     const auto c = std::upper_bound(h_rows.begin(), h_rows.end(), g.s) - h_rows.begin() - 1;
-    TORCH_CHECK(c >= 0 && g.t <= h_rows[c] + h[c].size(0), "expert_bank: rows ", g.s, "..", g.t,
-                " are not inside one block of h");
+    TORCH_CHECK(c >= 0 && g.s >= h_rows[c] && g.t <= h_rows[c] + h[c].size(0), "expert_bank: rows ", g.s, "..",
+                g.t, " are not inside one block of h");
     out.push_back(h[c].data_ptr<float>() + (g.s - h_rows[c]) * width);
   }
   return out;
@@ -254,12 +256,6 @@ void check_common(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& 
   const int64_t* tp = tok.data_ptr<int64_t>();
   for (int64_t r = 0; r < tok.numel(); ++r)
     TORCH_CHECK(tp[r] >= 0 && tp[r] < x.size(0), "expert_bank: token index ", tp[r], " out of range");
-}
-
-void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t width) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
-                  t.size(1) == width,
-              "expert_bank: ", name, " must be contiguous float32 (", rows, ", ", width, ")");
 }
 
 // out (S, width) contiguous float32 and dst (rows,) int64 with every entry in [0, S)
@@ -381,7 +377,6 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   const int64_t* tp = tok.data_ptr<int64_t>();
   const float* wp = wts.data_ptr<float>();
   std::function<BwdBufs()> make = [&] {
-    // micro: one more buffer for the transposed left operand of the weight gradients
     // micro: one more buffer for the transposed left operand of the weight gradients
     const std::vector<at::Tensor> v = thread_buffers({D, F, N, F, D, D, micro ? std::max(D, N) : 0}, most);
     return BwdBufs{v[0], v[1], v[2], v[3], v[4], v[5], v[6]};

@@ -22,7 +22,7 @@ def _grad_of(fn, x, ids, renorm, grads):
     return [o.detach() for o in outs], leaf.grad
 
 
-@pytest.mark.parametrize("T,E,K", [(2048, 8, 2), (300, 64, 8), (7, 3, 1), (40, 16, 4)])
+@pytest.mark.parametrize("T,E,K", [(2048, 8, 2), (300, 64, 8), (7, 3, 1), (40, 16, 4), (33, 37, 3)])
 @pytest.mark.parametrize("renorm", [True, False])
 @pytest.mark.parametrize("which", ["all", "probs", "weights", "lse"])
 def test_kernel_matches_fp64_reference(T, E, K, renorm, which):
@@ -39,6 +39,23 @@ def test_kernel_matches_fp64_reference(T, E, K, renorm, which):
     for name, a, b in zip(("probs", "weights", "lse", "dlogits"), (*got, dx), (*want, dx64), strict=True):
         err = (a.double() - b).abs().max().item()
         assert err <= 2e-6 * max(1.0, b.abs().max().item()), f"{name}: max error {err}"
+
+
+@pytest.mark.parametrize("E", [5, 16, 37])
+def test_nan_and_minus_inf_rows_as_torch(E):
+    """A NaN anywhere in a row makes the row's probabilities, weights and lse NaN; a row of
+    -inf gives NaN probabilities and lse -inf; a -inf logit (a masked expert) gets 0."""
+    x = torch.randn(5, E)
+    x[0, E - 1] = float("nan")
+    x[1, 0] = float("nan")
+    x[2] = float("-inf")
+    x[3, 1] = float("-inf")
+    ids = torch.tensor([[0, 2]] * 5)
+    got = route.route_softmax(x, ids, True)
+    want = route.reference(x, ids, True)
+    for name, a, b in zip(("probs", "weights", "lse"), got, want, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+    assert got[0][:2].isnan().all() and got[0][3, 1] == 0
 
 
 def test_applies_and_rejects():

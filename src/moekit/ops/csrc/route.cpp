@@ -33,10 +33,11 @@ void check2(const at::Tensor& t, at::ScalarType dt, int64_t rows, int64_t cols, 
               "route_softmax: ", name, " must be contiguous (", rows, ", ", cols, ") of ", dt);
 }
 
-// The row reductions in 16 lanes: a plain loop is one chain of dependent adds (the
-// compiler may not reorder float sums), 4 cycles per expert. `python benchmarks/kernels.py`,
-// route softmax fwd+bwd of (8192, 128, k=4) on 2 threads: 1271 -> 635 us; (4096, 64, k=8):
-// 402 -> 289 us.
+// The row reductions (row_max, row_dot) run in 16 lanes, then a tree over the lanes: a
+// plain loop is one chain of dependent adds (the compiler may not reorder float sums), 4
+// cycles per expert. `python benchmarks/kernels.py`, route softmax fwd+bwd of
+// (8192, 128, k=4) on 2 threads: 1271 -> 635 us; (4096, 64, k=8): 402 -> 289 us.
+
 // lane j and lane j ^ B of v, swapped
 template <int B>
 moekit::v16 swapped(moekit::v16 v) {

@@ -46,7 +46,8 @@ def _scores(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "nan", "inf"])
-@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (37, 8, 1), (64, 64, 8), (33, 128, 4), (5, 16, 16), (17, 3, 3)])
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (37, 8, 1), (64, 64, 8), (33, 128, 4), (5, 16, 16), (17, 3, 3), (20, 2, 1),
+                                   (50, 300, 16)])
 def test_topk_kernel_matches_stable_sort(small_topk, kind, T, E, k):
     g = torch.Generator().manual_seed(T * E + k)
     x = _scores(kind, T, E, g)

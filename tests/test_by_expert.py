@@ -222,6 +222,26 @@ def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
         torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("path", ["by_expert", "chunk_loop"])
+def test_an_inference_forward_saves_nothing(monkeypatch, path):
+    """Under no_grad the experts' Function keeps no pre-activations for a backward that
+    cannot come, although its weights require grad (autograd's needs_input_grad still
+    says they do there, so the Function is told the grad mode)."""
+    _force_small_chunks(monkeypatch, 64)
+    monkeypatch.setattr(by_expert, "ENABLED", path == "by_expert")
+    x, w_in, w_out, ids, weights = _problem()
+    w_in, w_out = w_in.requires_grad_(), w_out.requires_grad_()
+    saved = []
+    real = torch.autograd.function.FunctionCtx.save_for_backward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
+                        lambda ctx, *t: saved.append(len(t)) or real(ctx, *t))
+    for grad_on in (True, False):
+        with torch.set_grad_enabled(grad_on):
+            grouped.grouped_experts(x, _plan(ids, weights), w_in, w_out, SWIGLU)
+    base = 6 if path == "by_expert" else 5  # the inputs it keeps, before any block of h
+    assert len(saved) == 2 and saved[0] > base and saved[1] == base, saved
+
+
 @pytest.mark.parametrize("combine", COMBINES)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_results_do_not_depend_on_the_thread_count(monkeypatch, combine, kernel):

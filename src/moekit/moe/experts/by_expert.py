@@ -170,12 +170,14 @@ def _calls(chunks: list[tuple[int, int, torch.Tensor]], one: bool, hs: list[torc
 
 class _ByExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, slot_idx_R, top_k, counts):
+    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, slot_idx_R, top_k, counts, grad_on):
         x_TD = x_TD.contiguous()
         w_R = weights_R.to(torch.float32).contiguous()
         N = w_in_END.shape[1]
         chunks = plan_segments(counts, chunk_rows(x_TD, N))
-        keep_h = any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
+        # an inference forward saves nothing. needs_input_grad alone does not tell: under
+        # no_grad it still says which inputs require grad, so the caller passes the grad mode
+        keep_h = grad_on and any(ctx.needs_input_grad[:4])
         combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
         micro = gemm.bank_micro_kernel(x_TD.shape[1], N)
         # the saved pre-activations in a block per chunk (each below glibc's mmap threshold)
@@ -215,10 +217,10 @@ class _ByExpertFFN(torch.autograd.Function):
                 if g.numel():
                     g[idle] = 0
         return (dx_TD, dw_in if need_win else None, dw_out if need_wout else None,
-                dw_R.to(ctx.weights_dtype) if need_w else None, None, None, None, None)
+                dw_R.to(ctx.weights_dtype) if need_w else None, None, None, None, None, None)
 
 
 def by_expert_experts(x_TD: torch.Tensor, plan: DispatchPlan, counts: list[int], w_in_END: torch.Tensor,
                       w_out_EDF: torch.Tensor) -> torch.Tensor:
     return _ByExpertFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R, plan.slot_idx_R,
-                              plan.top_k, counts)
+                              plan.top_k, counts, torch.is_grad_enabled())

@@ -164,14 +164,14 @@ class _GroupedFFN(torch.autograd.Function):
     """Rows r0..r1 of a chunk are n real rows, padded to m (m = n off the padded path)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, counts, act_name):
+    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, counts, act_name, grad_on):
         act: Activation = ACTIVATIONS.get(act_name)
         T, D = x_TD.shape
         N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
         pad = _padded_path(x_TD)
         rows = _rows_per_chunk(x_TD, N)
         chunks = plan_chunks(counts, rows, one_expert=pad > 1)
-        keep_h = any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
+        keep_h = grad_on and any(ctx.needs_input_grad[:4])  # as by_expert.py: inference saves nothing
         scratch = _Scratch(x_TD, _round_up(min(rows, max(1, token_idx_R.shape[0])), pad))
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
         y_TD = x_TD.new_zeros(T, D)
@@ -236,7 +236,7 @@ class _GroupedFFN(torch.autograd.Function):
                 for e in (e for e, hit in enumerate(touched) if not hit):
                     g[e].zero_()
         dw = dweights_R.to(weights_R.dtype) if need_w else None
-        return dx_TD, dw_in, dw_out, dw, None, None, None
+        return dx_TD, dw_in, dw_out, dw, None, None, None, None
 
 
 def _round_up(n: int, step: int) -> int:
@@ -270,4 +270,4 @@ def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tens
     if by_expert.takes(x_TD, counts, w_in_END, w_out_EDF, act):
         return by_expert.by_expert_experts(x_TD, plan, counts, w_in_END, w_out_EDF)
     return _GroupedFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R,
-                             counts, act.name)
+                             counts, act.name, torch.is_grad_enabled())

@@ -37,6 +37,7 @@ import layer as L  # noqa: E402  (benchmarks/layer.py: configs and the moekit la
 
 from moekit.moe.experts import by_expert, grouped  # noqa: E402
 from moekit.ops import ext, gemm, rows, topk  # noqa: E402
+from moekit.training.heap import keep_freed_memory  # noqa: E402
 
 _fused, _topk_applies, _rows_applies = grouped._fused_swiglu, topk.applies, rows.applies
 _micro_applies = gemm.bank_micro_kernel
@@ -117,7 +118,10 @@ def main() -> None:
     ap.add_argument("--mode", default="fb", choices=["fwd", "fb", "step"])
     ap.add_argument("--switch", default="pool", choices=list(SWITCHES))
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu = process CPU time: robust on a busy machine, but only with --threads 1")
     a, s = L.parse_with_config(ap, "many", list(L.CONFIGS))
+    keep_freed_memory()  # as benchmarks/layer.py and a training run do
     layer = L.MoekitLayer(s).layer
     x = torch.randn(s.T // L.SEQ, L.SEQ, s.d)
     dy = torch.randn_like(x)
@@ -133,6 +137,7 @@ def main() -> None:
             layer(x)
 
     run, switch = {"fb": fb, "fwd": fwd, "step": _train_step()}[a.mode], SWITCHES[a.switch]
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     times: dict[bool, list[float]] = {False: [], True: []}
     for on in (False, True):  # warm-up of both settings
         switch(on)
@@ -141,9 +146,9 @@ def main() -> None:
     for i in range(a.rounds):
         for on in ((False, True) if i % 2 == 0 else (True, False)):
             switch(on)
-            t0 = time.perf_counter()
+            t0 = clock()
             run()
-            times[on].append(time.perf_counter() - t0)
+            times[on].append(clock() - t0)
     ratios = [b / o for o, b in zip(times[False], times[True], strict=True)]
     print(f"{a.config} {a.mode} switch={a.switch}: A (off) {statistics.median(times[False]) * 1e3:.1f} ms, "
           f"B (on) {statistics.median(times[True]) * 1e3:.1f} ms, B/A median {statistics.median(ratios):.3f} "

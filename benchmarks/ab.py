@@ -19,6 +19,8 @@ Switches (off -> on):
   micro    the expert bank's products on oneDNN's matmul -> on its brgemm micro-kernel
   stream   the bank's slot-buffer rows written with plain -> non-temporal stores
   onecall  the bank's kernels called once per chunk -> once over all chunks
+  columns  the inference forward of micro-kernel experts: whole experts per thread and
+           summed slots -> threads owning tokens, in columns (ops/csrc/expert_bank_cols.cpp)
 """
 
 from __future__ import annotations
@@ -81,8 +83,12 @@ def _onecall(on: bool) -> None:
     by_expert.ONE_CALL = on
 
 
+def _columns(on: bool) -> None:
+    by_expert.COLUMNS = on
+
+
 SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
-            "byexpert": _byexpert, "micro": _micro, "stream": _stream, "onecall": _onecall}
+            "byexpert": _byexpert, "micro": _micro, "stream": _stream, "onecall": _onecall, "columns": _columns}
 
 
 def _train_step(steps: int = 5):

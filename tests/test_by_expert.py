@@ -7,6 +7,8 @@ stays with grouped.py (tests/test_grouped_chunks.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -222,13 +224,15 @@ def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
         torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("path", ["by_expert", "chunk_loop"])
+@pytest.mark.parametrize("path", ["columns", "by_expert", "chunk_loop"])
 def test_an_inference_forward_saves_nothing(monkeypatch, path):
     """Under no_grad the experts' Function keeps no pre-activations for a backward that
     cannot come, although its weights require grad (autograd's needs_input_grad still
-    says they do there, so the Function is told the grad mode)."""
+    says they do there, so the Function is told the grad mode). The column forward
+    (micro-kernel experts) saves nothing at all."""
     _force_small_chunks(monkeypatch, 64)
-    monkeypatch.setattr(by_expert, "ENABLED", path == "by_expert")
+    _kernel(monkeypatch, "micro" if path == "columns" else "matmul")
+    monkeypatch.setattr(by_expert, "ENABLED", path != "chunk_loop")
     x, w_in, w_out, ids, weights = _problem()
     w_in, w_out = w_in.requires_grad_(), w_out.requires_grad_()
     saved = []
@@ -238,8 +242,11 @@ def test_an_inference_forward_saves_nothing(monkeypatch, path):
     for grad_on in (True, False):
         with torch.set_grad_enabled(grad_on):
             grouped.grouped_experts(x, _plan(ids, weights), w_in, w_out, SWIGLU)
-    base = 6 if path == "by_expert" else 5  # the inputs it keeps, before any block of h
-    assert len(saved) == 2 and saved[0] > base and saved[1] == base, saved
+    base = 5 if path == "chunk_loop" else 6  # the inputs it keeps, before any block of h
+    if path == "columns":
+        assert len(saved) == 1 and saved[0] > base, saved
+    else:
+        assert len(saved) == 2 and saved[0] > base and saved[1] == base, saved
 
 
 @pytest.mark.parametrize("combine", COMBINES)
@@ -312,3 +319,109 @@ def test_kernel_rejects_bad_segments_and_tokens():
     with pytest.raises(RuntimeError, match="segments must follow each other"):
         bwd(x, tok, w, apart, w_in, w_out, [torch.empty(10, 48)], [0], torch.randn(10, 32), e, e, e,
             torch.empty_like(w_in), e, 32, True, False)
+
+
+# The inference forward of micro-kernel experts with threads owning tokens, in columns
+# (ops/csrc/expert_bank_cols.cpp): what it must equal, and where it runs.
+
+def _column_calls(monkeypatch):
+    names = []
+    real_op = ext.op
+    monkeypatch.setattr(ext, "op", lambda name: names.append(name) or real_op(name))
+    return names
+
+
+def _columns_case(case):
+    """(tensors, plan) of each case the column forward has to get right."""
+    T, D, E, K = {"long": (700, 32, 6, 2), "one_thread": (40, 32, 12, 3), "narrow": (300, 24, 12, 3)}.get(
+        case, (300, 32, 12, 3))
+    x, w_in, w_out, ids, weights = _problem(T=T, D=D, E=E, K=K)
+    if case == "long":  # 400+ rows of experts 0 and 1: a thread's rows in several pieces
+        ids[:400] = torch.tensor([0, 1])
+    if case == "repeats":  # a token twice in one expert (rows next to each other)
+        ids[200:220, 1] = ids[200:220, 0]
+    plan = _plan(ids, weights, "drops" if case == "drops" else "slots")
+    if case == "lost":  # every slot of tokens 100..109 dropped: their rows of y are zero
+        keep = (plan.token_idx_R < 100) | (plan.token_idx_R >= 110)
+        counts = torch.bincount(ids.flatten()[plan.slot_idx_R[keep]], minlength=E)
+        plan = DispatchPlan(plan.token_idx_R[keep], plan.slot_idx_R[keep], plan.weights_R[keep], counts, counts, T,
+                            top_k=K)
+    return (x, w_in, w_out), plan
+
+
+@pytest.mark.parametrize("case", ["skewed", "long", "one_thread", "drops", "lost", "repeats", "narrow"])
+def test_column_forward_matches_the_loop_oracle(monkeypatch, case):
+    """no_grad outputs against the loop oracle in fp64 (within 1e-5 of the largest value):
+    skewed loads with empty experts, experts of 400+ rows (pieces of at most 192 columns),
+    too few tokens for a second thread, dropped slots, tokens with every slot dropped (zero
+    rows), a token twice in one expert. A width that is not a multiple of 16 ("narrow")
+    runs the whole-experts forward instead."""
+    _kernel(monkeypatch, "micro")
+    (x, w_in, w_out), plan = _columns_case(case)
+    names = _column_calls(monkeypatch)
+    with torch.no_grad():
+        y = grouped.grouped_experts(x, plan, w_in, w_out, SWIGLU)
+    assert ("expert_bank_fwd_cols" in names) == (case != "narrow"), names
+    assert "expert_bank_fwd" not in names or case == "narrow"
+    ref = loop.loop_experts(x.double(), dataclasses.replace(plan, weights_R=plan.weights_R.double()),
+                            w_in.double(), w_out.double(), SWIGLU)
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), err
+    if case == "lost":
+        assert y[100:110].abs().max() == 0
+
+
+@pytest.mark.parametrize("case", ["skewed", "long", "drops"])
+def test_column_forward_does_not_depend_on_the_thread_count(monkeypatch, case):
+    """Each output element is one chain of FMAs, and each token's rows are added in row
+    order whichever thread owns it: 1, 2 and 3 threads give the same bits."""
+    _kernel(monkeypatch, "micro")
+    (x, w_in, w_out), plan = _columns_case(case)
+    old = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                out.append(grouped.grouped_experts(x, plan, w_in, w_out, SWIGLU))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+def test_column_forward_matches_the_training_forward_in_a_layer(monkeypatch):
+    """Through MoELayer: an eval forward under no_grad (the column forward) against the
+    same layer's forward with grad on (whole experts per thread, summed slots)."""
+    _kernel(monkeypatch, "micro")
+    names = _column_calls(monkeypatch)
+    cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    x = torch.randn(4, 50, 32)
+    with torch.no_grad():
+        y_inf = layer(x).y
+    assert names.count("expert_bank_fwd_cols") == 1 and "expert_bank_fwd" not in names
+    y_train = layer(x).y
+    assert names.count("expert_bank_fwd") == 1
+    torch.testing.assert_close(y_inf, y_train.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_column_kernel_rejects_bad_input():
+    x, w_in, w_out, ids, weights = _problem(T=10, E=4, K=1, empty=())
+    tok, w, y = torch.arange(10), torch.ones(10), torch.empty(10, 32)
+    fwd = ext.op("expert_bank_fwd_cols")
+    counts = torch.tensor([3, 3, 4])
+    fwd(x, tok, w, counts, w_in, w_out, y)  # fine
+    with pytest.raises(RuntimeError, match="multiple of 16, got 24"):
+        fwd(x[:, :24].contiguous(), tok, w, counts, w_in[:, :, :24].contiguous(), w_out[:, :24].contiguous(),
+            y[:, :24].contiguous())
+    with pytest.raises(RuntimeError, match="add up to 9 rows, not 10"):
+        fwd(x, tok, w, torch.tensor([3, 3, 3]), w_in, w_out, y)
+    with pytest.raises(RuntimeError, match="expert 1 has a negative count -3"):
+        fwd(x, tok, w, torch.tensor([3, -3, 10]), w_in, w_out, y)
+    with pytest.raises(RuntimeError, match="at most 4 entries"):
+        fwd(x, tok, w, torch.tensor([2, 2, 2, 2, 2]), w_in, w_out, y)
+    with pytest.raises(RuntimeError, match="token index 10 out of range"):
+        fwd(x, torch.full((10,), 10), w, counts, w_in, w_out, y)
+    with pytest.raises(RuntimeError, match="y must be"):
+        fwd(x, tok, w, counts, w_in, w_out, y[:5])

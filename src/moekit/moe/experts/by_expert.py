@@ -42,6 +42,11 @@ Memory: each thread keeps its buffers for the next call (about
 (largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per
 thread on the fine layer); they only grow.
 
+Inference forwards of micro-kernel experts (nothing saved) take another kernel,
+ops/csrc/expert_bank_cols.cpp: threads own tokens, run every expert on their tokens'
+rows in columns, and add the output rows straight into y, with no slot buffer (see
+_columns and docs/design.md). `many` forward: 0.887 and 0.908 of the time.
+
 Every expert's products run on one thread in a fixed order, so results do not depend
 on the thread count or the scheduling (exact resume stays exact). grouped.py's loop
 is the reference; tests/test_by_expert.py holds the parity tests.
@@ -77,6 +82,9 @@ ENABLED = os.environ.get("MOEKIT_BY_EXPERT", "1") != "0"
 # with a slot buffer, one kernel call over all chunks (False: a call per chunk, as the
 # scatter path does; benchmarks/ab.py --switch onecall)
 ONE_CALL = True
+# inference forwards of micro-kernel experts with threads owning tokens, in columns
+# (ops/csrc/expert_bank_cols.cpp; benchmarks/ab.py --switch columns)
+COLUMNS = os.environ.get("MOEKIT_COLUMNS", "1") != "0"
 
 
 def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
@@ -168,6 +176,13 @@ def _calls(chunks: list[tuple[int, int, torch.Tensor]], one: bool, hs: list[torc
         yield 0, chunks[-1][1], seg, hs, [r0 for r0, _, _ in chunks] if hs else []
 
 
+def _columns(x_TD: torch.Tensor, micro: bool) -> bool:
+    """Whether an inference forward runs with threads owning tokens, in columns: experts
+    on the micro-kernel (their weights fit a core's L2, so a thread that runs them all
+    re-reads little), and a model width of whole 16-float vectors."""
+    return COLUMNS and micro and x_TD.shape[1] % 16 == 0
+
+
 class _ByExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, slot_idx_R, top_k, counts, grad_on):
@@ -178,8 +193,13 @@ class _ByExpertFFN(torch.autograd.Function):
         # an inference forward saves nothing. needs_input_grad alone does not tell: under
         # no_grad it still says which inputs require grad, so the caller passes the grad mode
         keep_h = grad_on and any(ctx.needs_input_grad[:4])
-        combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
         micro = gemm.bank_micro_kernel(x_TD.shape[1], N)
+        if not keep_h and _columns(x_TD, micro):  # nothing to save: no backward can come
+            y_TD = torch.empty_like(x_TD)
+            ext.op("expert_bank_fwd_cols")(x_TD, token_idx_R, w_R, torch.tensor(counts, dtype=torch.int64),
+                                           w_in_END, w_out_EDF, y_TD)
+            return y_TD
+        combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
         # the saved pre-activations in a block per chunk (each below glibc's mmap threshold)
         hs = [x_TD.new_empty(r1 - r0, N) for r0, r1, _ in chunks] if keep_h else []
         for r0, r1, seg, h, h_rows in _calls(chunks, ONE_CALL and combine.K > 0, hs):

@@ -48,6 +48,7 @@
 
 #include <immintrin.h>
 
+#include "bank_inputs.h"
 #include "swiglu_rows.h"
 #include "transpose_tile.h"
 #include "vec_math.h"
@@ -239,25 +240,6 @@ void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t n, int64_t m
   if (m > n) std::memset(dp + n * W, 0, (m - n) * W * sizeof(float));
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& w_in,
-                  const at::Tensor& w_out) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "expert_bank: x must be contiguous CPU float32 (T, D)");
-  TORCH_CHECK(w_in.scalar_type() == at::kFloat && w_in.dim() == 3 && w_in.is_contiguous() &&
-                  w_out.scalar_type() == at::kFloat && w_out.dim() == 3 && w_out.is_contiguous(),
-              "expert_bank: w_in (E, 2F, D) and w_out (E, D, F) must be contiguous float32");
-  const int64_t D = x.size(1), F = w_out.size(2);
-  TORCH_CHECK(w_in.size(2) == D && w_in.size(1) == 2 * F && w_out.size(1) == D && w_out.size(0) == w_in.size(0),
-              "expert_bank: weight shapes ", w_in.sizes(), " and ", w_out.sizes(), " do not fit D=", D);
-  TORCH_CHECK(tok.scalar_type() == at::kLong && tok.dim() == 1 && tok.is_contiguous(),
-              "expert_bank: tok must be contiguous int64");
-  TORCH_CHECK(wts.scalar_type() == at::kFloat && wts.is_contiguous() && wts.numel() == tok.numel(),
-              "expert_bank: weights must be contiguous float32 with one per row");
-  const int64_t* tp = tok.data_ptr<int64_t>();
-  for (int64_t r = 0; r < tok.numel(); ++r)
-    TORCH_CHECK(tp[r] >= 0 && tp[r] < x.size(0), "expert_bank: token index ", tp[r], " out of range");
-}
-
 // out (S, width) contiguous float32 and dst (rows,) int64 with every entry in [0, S)
 const int64_t* check_dst(const at::Tensor& out, const at::Tensor& dst, int64_t rows, int64_t width) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == width,
@@ -311,7 +293,7 @@ struct FwdBufs {
 void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& dst,
               at::TensorList h, at::IntArrayRef h_rows, int64_t step, bool micro, bool stream) {
-  check_common(x, tok, wts, w_in, w_out);
+  moekit::bank::check_inputs(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   const int64_t* dp = check_dst(out, dst, rows, D);
   const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
@@ -360,7 +342,7 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
               const at::Tensor& dy,
               const at::Tensor& dx_out, const at::Tensor& dst, const at::Tensor& dw, const at::Tensor& dw_in,
               const at::Tensor& dw_out, int64_t step, bool micro, bool stream) {
-  check_common(x, tok, wts, w_in, w_out);
+  moekit::bank::check_inputs(x, tok, wts, w_in, w_out);
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous() && dy.sizes() == x.sizes(),
               "expert_bank: dy must be contiguous float32 like x");

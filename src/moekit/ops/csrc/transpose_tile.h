@@ -27,16 +27,21 @@ inline void transpose_stage(v16* r, std::integer_sequence<int, J...>) {
   }
 }
 
-// dst (16 x 16, row stride ldd) = src (16 x 16, row stride lds)ᵀ: 16 vector loads, 64
-// two-register shuffles and 16 vector stores
-inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  v16 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = vload(src + i * lds);
+// 16 registers of 16 floats, a 16 x 16 tile, transposed in place: 64 two-register shuffles
+inline void transpose_regs(v16* r) {
   constexpr auto lanes = std::make_integer_sequence<int, 16>{};
   transpose_stage<8>(r, lanes);
   transpose_stage<4>(r, lanes);
   transpose_stage<2>(r, lanes);
   transpose_stage<1>(r, lanes);
+}
+
+// dst (16 x 16, row stride ldd) = src (16 x 16, row stride lds)ᵀ: 16 vector loads, the
+// shuffles and 16 vector stores
+inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  v16 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = vload(src + i * lds);
+  transpose_regs(r);
   for (int i = 0; i < 16; ++i) vstore(dst + i * ldd, r[i]);
 }
 

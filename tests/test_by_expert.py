@@ -160,8 +160,11 @@ def test_streamed_slot_writes_change_nothing(monkeypatch, combine, kernel):
         monkeypatch.setattr(by_expert, "STREAM_MIN_BYTES", limit)
         flags.clear()
         out[limit] = _run(grouped.grouped_experts, (x, w_in, w_out, weights), ids, NEEDS[0], combine)
-        assert {f for _, f in flags} == {limit == 0}
-        assert {n for n, _ in flags} == {"expert_bank_fwd", "expert_bank_bwd"}
+        # micro-kernel experts: the forward runs in columns, without slots (its last
+        # argument is not a stream flag); only the backward's dx slots remain
+        names = {"expert_bank_bwd"} | ({"expert_bank_fwd_cols"} if kernel == "micro" else {"expert_bank_fwd"})
+        assert {n for n, _ in flags} == names
+        assert {f for n, f in flags if n != "expert_bank_fwd_cols"} == {limit == 0}
     (y_a, g_a), (y_b, g_b) = out.values()
     assert torch.equal(y_a, y_b)
     for n in NEEDS[0]:
@@ -173,8 +176,10 @@ def test_one_kernel_call_over_all_chunks(monkeypatch, combine):
     """With a slot buffer the forward and the backward each make one kernel call over
     every chunk (no join of the threads between chunks); the chunk-by-chunk scatter makes
     one per chunk. Small chunks split experts, so the backward's per-expert tasks hold
-    several segments, and the oracle test above checks their results."""
+    several segments, and the oracle test above checks their results. (Micro-kernel
+    experts run the forward in columns: one call whatever the chunks.)"""
     _force_small_chunks(monkeypatch, 64)
+    _kernel(monkeypatch, "matmul")
     names = []
     real_op = ext.op
     monkeypatch.setattr(ext, "op", lambda name: names.append(name) or real_op(name))
@@ -228,8 +233,7 @@ def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
 def test_an_inference_forward_saves_nothing(monkeypatch, path):
     """Under no_grad the experts' Function keeps no pre-activations for a backward that
     cannot come, although its weights require grad (autograd's needs_input_grad still
-    says they do there, so the Function is told the grad mode). The column forward
-    (micro-kernel experts) saves nothing at all."""
+    says they do there, so the Function is told the grad mode)."""
     _force_small_chunks(monkeypatch, 64)
     _kernel(monkeypatch, "micro" if path == "columns" else "matmul")
     monkeypatch.setattr(by_expert, "ENABLED", path != "chunk_loop")
@@ -243,10 +247,7 @@ def test_an_inference_forward_saves_nothing(monkeypatch, path):
         with torch.set_grad_enabled(grad_on):
             grouped.grouped_experts(x, _plan(ids, weights), w_in, w_out, SWIGLU)
     base = 5 if path == "chunk_loop" else 6  # the inputs it keeps, before any block of h
-    if path == "columns":
-        assert len(saved) == 1 and saved[0] > base, saved
-    else:
-        assert len(saved) == 2 and saved[0] > base and saved[1] == base, saved
+    assert len(saved) == 2 and saved[0] > base and saved[1] == base, saved
 
 
 @pytest.mark.parametrize("combine", COMBINES)
@@ -389,21 +390,35 @@ def test_column_forward_does_not_depend_on_the_thread_count(monkeypatch, case):
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
-def test_column_forward_matches_the_training_forward_in_a_layer(monkeypatch):
-    """Through MoELayer: an eval forward under no_grad (the column forward) against the
-    same layer's forward with grad on (whole experts per thread, summed slots)."""
+def test_column_forward_matches_whole_experts_in_a_layer(monkeypatch):
+    """Through MoELayer with a shared expert and the balance losses: the column forward
+    (inference, and training with its saved pre-activations feeding the backward) against
+    the same layer with it switched off (whole experts per thread, summed slots)."""
     _kernel(monkeypatch, "micro")
     names = _column_calls(monkeypatch)
     cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     x = torch.randn(4, 50, 32)
-    with torch.no_grad():
-        y_inf = layer(x).y
-    assert names.count("expert_bank_fwd_cols") == 1 and "expert_bank_fwd" not in names
-    y_train = layer(x).y
-    assert names.count("expert_bank_fwd") == 1
-    torch.testing.assert_close(y_inf, y_train.detach(), atol=1e-5, rtol=1e-5)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(by_expert, "COLUMNS", on)
+        names.clear()
+        with torch.no_grad():
+            y_inf = layer(x).y
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        (out.y.square().sum() + out.aux_loss).backward()
+        fwd = "expert_bank_fwd_cols" if on else "expert_bank_fwd"
+        assert names.count(fwd) == 2 and names.count("expert_bank_bwd") == 1, names
+        results.append((y_inf, out.y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (yi_a, y_a, gx_a, g_a), (yi_b, y_b, gx_b, g_b) = results
+    assert torch.equal(yi_a, y_a), "with or without grad, the column forward gives the same bits"
+    for a, b in ((y_a, y_b), (yi_a, yi_b), (gx_a, gx_b)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_column_kernel_rejects_bad_input():
@@ -411,17 +426,25 @@ def test_column_kernel_rejects_bad_input():
     tok, w, y = torch.arange(10), torch.ones(10), torch.empty(10, 32)
     fwd = ext.op("expert_bank_fwd_cols")
     counts = torch.tensor([3, 3, 4])
-    fwd(x, tok, w, counts, w_in, w_out, y)  # fine
+    fwd(x, tok, w, counts, w_in, w_out, y, [], [])  # fine
     with pytest.raises(RuntimeError, match="multiple of 16, got 24"):
         fwd(x[:, :24].contiguous(), tok, w, counts, w_in[:, :, :24].contiguous(), w_out[:, :24].contiguous(),
-            y[:, :24].contiguous())
+            y[:, :24].contiguous(), [], [])
     with pytest.raises(RuntimeError, match="add up to 9 rows, not 10"):
-        fwd(x, tok, w, torch.tensor([3, 3, 3]), w_in, w_out, y)
+        fwd(x, tok, w, torch.tensor([3, 3, 3]), w_in, w_out, y, [], [])
     with pytest.raises(RuntimeError, match="expert 1 has a negative count -3"):
-        fwd(x, tok, w, torch.tensor([3, -3, 10]), w_in, w_out, y)
+        fwd(x, tok, w, torch.tensor([3, -3, 10]), w_in, w_out, y, [], [])
     with pytest.raises(RuntimeError, match="at most 4 entries"):
-        fwd(x, tok, w, torch.tensor([2, 2, 2, 2, 2]), w_in, w_out, y)
+        fwd(x, tok, w, torch.tensor([2, 2, 2, 2, 2]), w_in, w_out, y, [], [])
     with pytest.raises(RuntimeError, match="token index 10 out of range"):
-        fwd(x, torch.full((10,), 10), w, counts, w_in, w_out, y)
+        fwd(x, torch.full((10,), 10), w, counts, w_in, w_out, y, [], [])
     with pytest.raises(RuntimeError, match="y must be"):
-        fwd(x, tok, w, counts, w_in, w_out, y[:5])
+        fwd(x, tok, w, counts, w_in, w_out, y[:5], [], [])
+    with pytest.raises(RuntimeError, match="2 blocks of h but 1 row starts"):
+        fwd(x, tok, w, counts, w_in, w_out, y, [torch.empty(4, 48), torch.empty(6, 48)], [0])
+    with pytest.raises(RuntimeError, match="covering the rows in order"):
+        fwd(x, tok, w, counts, w_in, w_out, y, [torch.empty(4, 48), torch.empty(6, 48)], [0, 5])
+    with pytest.raises(RuntimeError, match="covering the rows in order"):
+        fwd(x, tok, w, counts, w_in, w_out, y, [torch.empty(10, 47)], [0])
+    with pytest.raises(RuntimeError, match="cover all 10 rows"):
+        fwd(x, tok, w, counts, w_in, w_out, y, [torch.empty(4, 48), torch.empty(5, 48)], [0, 4])

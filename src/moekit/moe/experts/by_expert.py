@@ -42,10 +42,11 @@ Memory: each thread keeps its buffers for the next call (about
 (largest expert segment, padded) x (3D + 4F) floats in the backward, e.g. 10 MiB per
 thread on the fine layer); they only grow.
 
-Inference forwards of micro-kernel experts (nothing saved) take another kernel,
-ops/csrc/expert_bank_cols.cpp: threads own tokens, run every expert on their tokens'
-rows in columns, and add the output rows straight into y, with no slot buffer (see
-_columns and docs/design.md). `many` forward: 0.887 and 0.908 of the time.
+Forwards of micro-kernel experts take another kernel, ops/csrc/expert_bank_cols.cpp:
+threads own tokens, run every expert on their tokens' rows in columns, and add the
+output rows straight into y, with no slot buffer; a training forward also writes the
+pre-activations the backward above reads (see _columns and docs/design.md). `many`
+inference forward: 0.887 and 0.908 of the time.
 
 Every expert's products run on one thread in a fixed order, so results do not depend
 on the thread count or the scheduling (exact resume stays exact). grouped.py's loop
@@ -177,9 +178,9 @@ def _calls(chunks: list[tuple[int, int, torch.Tensor]], one: bool, hs: list[torc
 
 
 def _columns(x_TD: torch.Tensor, micro: bool) -> bool:
-    """Whether an inference forward runs with threads owning tokens, in columns: experts
-    on the micro-kernel (their weights fit a core's L2, so a thread that runs them all
-    re-reads little), and a model width of whole 16-float vectors."""
+    """Whether the forward runs with threads owning tokens, in columns: experts on the
+    micro-kernel (their weights fit a core's L2, so a thread that runs them all re-reads
+    little), and a model width of whole 16-float vectors."""
     return COLUMNS and micro and x_TD.shape[1] % 16 == 0
 
 
@@ -194,23 +195,24 @@ class _ByExpertFFN(torch.autograd.Function):
         # no_grad it still says which inputs require grad, so the caller passes the grad mode
         keep_h = grad_on and any(ctx.needs_input_grad[:4])
         micro = gemm.bank_micro_kernel(x_TD.shape[1], N)
-        if not keep_h and _columns(x_TD, micro):  # nothing to save: no backward can come
-            y_TD = torch.empty_like(x_TD)
-            ext.op("expert_bank_fwd_cols")(x_TD, token_idx_R, w_R, torch.tensor(counts, dtype=torch.int64),
-                                           w_in_END, w_out_EDF, y_TD)
-            return y_TD
-        combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
         # the saved pre-activations in a block per chunk (each below glibc's mmap threshold)
         hs = [x_TD.new_empty(r1 - r0, N) for r0, r1, _ in chunks] if keep_h else []
-        for r0, r1, seg, h, h_rows in _calls(chunks, ONE_CALL and combine.K > 0, hs):
-            ext.op("expert_bank_fwd")(x_TD, token_idx_R[r0:r1].contiguous(), w_R[r0:r1], seg, w_in_END,
-                                      w_out_EDF, *combine.dst(r0, r1), h, h_rows, STEP, micro, combine.stream)
-            combine.chunk_done(r0, r1)
+        if _columns(x_TD, micro):
+            y_TD = torch.empty_like(x_TD)
+            ext.op("expert_bank_fwd_cols")(x_TD, token_idx_R, w_R, torch.tensor(counts, dtype=torch.int64),
+                                           w_in_END, w_out_EDF, y_TD, hs, [r0 for r0, _, _ in chunks] if hs else [])
+        else:
+            combine = _Combine(x_TD, token_idx_R, slot_idx_R, top_k, chunks[0][1] if chunks else 1)
+            for r0, r1, seg, h, h_rows in _calls(chunks, ONE_CALL and combine.K > 0, hs):
+                ext.op("expert_bank_fwd")(x_TD, token_idx_R[r0:r1].contiguous(), w_R[r0:r1], seg, w_in_END,
+                                          w_out_EDF, *combine.dst(r0, r1), h, h_rows, STEP, micro, combine.stream)
+                combine.chunk_done(r0, r1)
+            y_TD = combine.result()
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, w_R, token_idx_R, slot_idx_R, *hs)
         ctx.chunks, ctx.weights_dtype, ctx.top_k, ctx.micro = chunks, weights_R.dtype, top_k, micro
         # experts that got no rows (counts may stop before the last experts)
         ctx.idle = [e for e in range(w_in_END.shape[0]) if e >= len(counts) or counts[e] == 0]
-        return combine.result()
+        return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):

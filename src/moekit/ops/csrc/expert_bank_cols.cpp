@@ -1,5 +1,6 @@
-// The SwiGLU expert bank's inference forward with threads owning tokens and experts'
-// activations in columns (moe/experts/by_expert.py: _columns says when it runs).
+// The SwiGLU expert bank's forward with threads owning tokens and experts' activations
+// in columns (moe/experts/by_expert.py: _columns says when it runs). A training forward
+// also writes each row's pre-activations for expert_bank.cpp's backward.
 //
 // Why: expert_bank.cpp's forward hands whole experts to threads. Their output rows land
 // in a (T·K, D) slot buffer that ops/rows.py: sum_slots then reads back (64 MiB on the
@@ -69,6 +70,25 @@ void swiglu_cols(const float* hT, int64_t F, int64_t nc, int64_t ld, const float
   }
 }
 
+// Columns c0 .. c0+cnt-1 of srcᵀ (W x ld) into the rows row[0 .. cnt-1] (W wide):
+// added to where add[i], else written. 16 x 16 blocks are transposed in registers; the
+// lines of next[i] (the following group's rows, where not null) are prefetched, for
+// writing, a line per block. W past a multiple of 16 goes element by element.
+void cols_to_rows(const float* srcT, int64_t ld, int64_t W, int64_t c0, int cnt, float* const* row, const bool* add,
+                  float* const* next) {
+  int64_t w0 = 0;
+  for (; w0 + 16 <= W; w0 += 16) {
+    for (int i = 0; i < 16; ++i)
+      if (next[i] != nullptr) __builtin_prefetch(next[i] + w0, 1, 3);
+    v16 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = moekit::vload(srcT + (w0 + i) * ld + c0);
+    moekit::transpose_regs(r);
+    for (int i = 0; i < cnt; ++i) moekit::vstore(row[i] + w0, add[i] ? moekit::vload(row[i] + w0) + r[i] : r[i]);
+  }
+  for (; w0 < W; ++w0)
+    for (int i = 0; i < cnt; ++i) row[i][w0] = (add[i] ? row[i][w0] : 0.0f) + srcT[w0 * ld + c0 + i];
+}
+
 // y rows idx[c] (+)= column c of oᵀ (D x ldo), c < n: written at a token's first row
 // (seen[token - t0] still 0), added to after
 void scatter_cols(const float* oT, int64_t ldo, int64_t D, const int64_t* idx, int64_t n, float* y,
@@ -84,14 +104,23 @@ void scatter_cols(const float* oT, int64_t ldo, int64_t D, const int64_t* idx, i
       add[i] = seen[idx[c0 + i] - t0] != 0;  // a token twice in one group: its second row adds
       seen[idx[c0 + i] - t0] = 1;
     }
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      for (int i = 0; i < 16; ++i)
-        if (next[i] != nullptr) __builtin_prefetch(next[i] + d0, 1, 3);
-      v16 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = moekit::vload(oT + (d0 + i) * ldo + c0);
-      moekit::transpose_regs(r);
-      for (int i = 0; i < cnt; ++i) moekit::vstore(row[i] + d0, add[i] ? moekit::vload(row[i] + d0) + r[i] : r[i]);
+    cols_to_rows(oT, ldo, D, c0, cnt, row, add, next);
+  }
+}
+
+// The saved pre-activations: column c of hᵀ (N x ld), c < n, into row rid[c] of h, whose
+// rows lie in blocks (h_at: the row's address)
+template <class RowAt>
+void save_cols(const float* hT, int64_t ld, int64_t N, const int64_t* rid, int64_t n, const RowAt& h_at) {
+  const bool add[16] = {};
+  for (int64_t c0 = 0; c0 < n; c0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - c0));
+    float *row[16], *next[16];
+    for (int i = 0; i < 16; ++i) {
+      next[i] = c0 + 16 + i < n ? h_at(rid[c0 + 16 + i]) : nullptr;
+      row[i] = i < cnt ? h_at(rid[c0 + i]) : nullptr;
     }
+    cols_to_rows(hT, ld, N, c0, cnt, row, add, next);
   }
 }
 
@@ -108,8 +137,11 @@ constexpr int64_t PIECE = 192;
 
 // y = Σ over each token's rows of w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ. The rows are sorted
 // by expert, counts[e] of them for expert e (counts may stop before the last expert).
+// h, when given, gets each row's pre-activations [x W_gᵀ, x W_uᵀ] (a training forward
+// saves them for expert_bank.cpp's backward).
 void bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& counts,
-                   const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& y) {
+                   const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& y, at::TensorList h,
+                   at::IntArrayRef h_rows) {
   moekit::bank::check_inputs(x, tok, wts, w_in, w_out);
   const int64_t T = x.size(0), D = x.size(1), F = w_out.size(2), N = 2 * F, E = w_in.size(0);
   TORCH_CHECK(D % 16 == 0, "expert_bank_fwd_cols: the model width must be a multiple of 16, got ", D);
@@ -126,13 +158,29 @@ void bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tensor&
   }
   TORCH_CHECK(start.back() == tok.numel(), "expert_bank_fwd_cols: the counts add up to ", start.back(), " rows, not ",
               tok.numel());
+  // the saved pre-activations, when given: rows h_rows[b] .. of the call in block h[b]
+  TORCH_CHECK(h.size() == h_rows.size(), "expert_bank_fwd_cols: ", h.size(), " blocks of h but ", h_rows.size(),
+              " row starts");
+  std::vector<float*> h_ptr;
+  for (size_t b = 0; b < h.size(); ++b) {
+    TORCH_CHECK(h[b].scalar_type() == at::kFloat && h[b].is_contiguous() && h[b].dim() == 2 && h[b].size(1) == N &&
+                    h_rows[b] == (b == 0 ? 0 : h_rows[b - 1] + h[b - 1].size(0)),
+                "expert_bank_fwd_cols: the blocks of h must be contiguous float32 (rows, ", N,
+                ") covering the rows in order");
+    h_ptr.push_back(h[b].data_ptr<float>());
+  }
+  TORCH_CHECK(h.empty() || h_rows.back() + h.back().size(0) == tok.numel(),
+              "expert_bank_fwd_cols: the blocks of h must cover all ", tok.numel(), " rows");
+  const auto h_at = [&](int64_t r) {
+    const auto b = std::upper_bound(h_rows.begin(), h_rows.end(), r) - h_rows.begin() - 1;
+    return h_ptr[b] + (r - h_rows[b]) * N;
+  };
   const int64_t* tp = tok.data_ptr<int64_t>();
   const float* wp = wts.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* win = w_in.data_ptr<float>();
   const float* wout = w_out.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t busiest = counts.numel() ? *std::max_element(cp, cp + counts.numel()) : 0;
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T / 64));
   std::vector<int64_t> experts;  // those with rows, in order
   for (int64_t e = 0; e < counts.numel(); ++e)
@@ -143,34 +191,46 @@ void bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tensor&
     float* xT = thread_floats((2 * D + N + F) * W + D + W);
     float *hT = xT + D * W, *aT = hT + N * W, *oT = aT + F * W, *wc = oT + D * W, *zeros = wc + W;
     std::fill(zeros, zeros + D, 0.0f);
-    std::vector<int64_t> idx(busiest);
-    std::vector<float> wr(busiest);
-    std::vector<uint8_t> seen(t1 - t0, 0);
-    for (size_t j = 0; j < experts.size(); ++j) {
-      const int64_t e = experts[j];
-      int64_t n = 0;
+    // this thread's rows, expert by expert, cut into pieces (expert, first row, rows) of
+    // equal width, at most PIECE columns each
+    std::vector<int64_t> idx, rid;
+    std::vector<float> wr;
+    struct Piece {
+      int64_t e, b, n;
+    };
+    std::vector<Piece> pieces;
+    for (const int64_t e : experts) {
+      const int64_t b = static_cast<int64_t>(idx.size());
       for (int64_t r = start[e]; r < start[e + 1]; ++r)
         if (tp[r] >= t0 && tp[r] < t1) {
-          idx[n] = tp[r];
-          wr[n++] = wp[r];
+          if (!h.empty()) rid.push_back(r);
+          idx.push_back(tp[r]);
+          wr.push_back(wp[r]);
         }
-      const float *wi = win + e * N * D, *wo = wout + e * D * F;
-      // the weight read after this expert's last product, prefetched during it
-      const float* next = j + 1 < experts.size() ? win + experts[j + 1] * N * D : nullptr;
-      const int64_t pieces = (n + PIECE - 1) / PIECE;
-      for (int64_t q = 0, q0 = 0; q < pieces; ++q) {
-        // pieces of equal width, padded to whole vectors. The row stride is an odd number
-        // of cache lines: a power-of-two stride maps the rows onto few L1 sets (harness:
-        // 128 columns at 208 GFLOP/s against 224-229 for 112 and 144)
-        const int64_t nq = (n - q0) / (pieces - q), nc = (nq + 15) / 16 * 16, ld = nc | 16;
-        gather_cols(xp, D, idx.data() + q0, nq, zeros, xT, ld);
-        moekit::cols::gemm(N, nc, D, wi, D, xT, ld, hT, ld, wo, F);
-        for (int64_t c = 0; c < nc; ++c) wc[c] = c < nq ? wr[q0 + c] : 0.0f;
-        swiglu_cols(hT, F, nc, ld, wc, aT);
-        moekit::cols::gemm(D, nc, F, wo, F, aT, ld, oT, ld, q + 1 == pieces ? next : wi, D);
-        scatter_cols(oT, ld, D, idx.data() + q0, nq, yp, seen.data(), t0);
+      const int64_t n = static_cast<int64_t>(idx.size()) - b, k = (n + PIECE - 1) / PIECE;
+      for (int64_t q = 0, q0 = 0; q < k; ++q) {
+        const int64_t nq = (n - q0) / (k - q);
+        pieces.push_back({e, b + q0, nq});
         q0 += nq;
       }
+    }
+    std::vector<uint8_t> seen(t1 - t0, 0);
+    for (size_t j = 0; j < pieces.size(); ++j) {
+      const Piece& g = pieces[j];
+      const float *wi = win + g.e * N * D, *wo = wout + g.e * D * F;
+      // the weight read after this piece's last product, prefetched during it
+      const float* next = j + 1 == pieces.size() ? nullptr : win + pieces[j + 1].e * N * D;
+      // padded to whole vectors. The row stride is an odd number of cache lines: a
+      // power-of-two stride maps the rows onto few L1 sets (harness: 128 columns at 208
+      // GFLOP/s against 224-229 for 112 and 144)
+      const int64_t nq = g.n, nc = (nq + 15) / 16 * 16, ld = nc | 16;
+      gather_cols(xp, D, idx.data() + g.b, nq, zeros, xT, ld);
+      moekit::cols::gemm(N, nc, D, wi, D, xT, ld, hT, ld, wo, F);
+      if (!h.empty()) save_cols(hT, ld, N, rid.data() + g.b, nq, h_at);
+      for (int64_t c = 0; c < nc; ++c) wc[c] = c < nq ? wr[g.b + c] : 0.0f;
+      swiglu_cols(hT, F, nc, ld, wc, aT);
+      moekit::cols::gemm(D, nc, F, wo, F, aT, ld, oT, ld, next, D);
+      scatter_cols(oT, ld, D, idx.data() + g.b, nq, yp, seen.data(), t0);
     }
     for (int64_t t = t0; t < t1; ++t)  // tokens no row names: nothing from the bank
       if (!seen[t - t0]) std::memset(yp + t * D, 0, D * sizeof(float));
@@ -181,6 +241,6 @@ void bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd_cols(Tensor x, Tensor tok, Tensor weights, Tensor counts, Tensor w_in, Tensor w_out, "
-        "Tensor(a!) y) -> ()");
+        "Tensor(a!) y, Tensor(b!)[] h, int[] h_rows) -> ()");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) { m.impl("expert_bank_fwd_cols", bank_fwd_cols); }

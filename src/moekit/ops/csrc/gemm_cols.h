@@ -78,20 +78,55 @@ inline void tail(int64_t r, const float* A, int64_t lda, const float* B, int64_t
   }
 }
 
-// C (M x n, ldc) = A (M x K, lda) · B (K x n, ldb), n a multiple of 16. While the last
-// row tile computes, the first rows of `next` (the weight the thread reads after this
-// one; row stride next_lda) are prefetched.
+// The prefetch of a row tile starting at row i of M: the next tile's rows, or for the
+// last tile the first rows of `next`
+struct Prefetch {
+  const float* p;
+  int64_t lda;
+  int rows;
+};
+inline Prefetch prefetch_for(int64_t i, int64_t M, const float* A, int64_t lda, const float* next, int64_t next_lda) {
+  if (i + 2 * MR > M) return {next, next_lda, next != nullptr ? MR : 0};
+  return {A + (i + MR) * lda, lda, static_cast<int>(std::min<int64_t>(MR, M - i - MR))};
+}
+
+// B panels (K x 48 floats) up to this size stay in L1 (48 KiB on the reference machine)
+// while every row tile passes over them
+constexpr int64_t L1_PANEL_BYTES = 32 * 1024;
+
+// C (M x n, ldc) = A (M x K, lda) · B (K x n, ldb), n a multiple of 16. While a row tile
+// computes (in its first panel), the next tile's weight rows are prefetched, and during
+// the last one the first rows of `next` (the weight the thread reads after this one; row
+// stride next_lda).
+// Loop order: for a short K (W_out · aᵀ: K = F) the B panels fit L1, and the panels go
+// outermost, each reused by every row tile from L1; A is then read once per panel (from
+// L2 after the first). In-process A/B on the "many" layer's forward: 0.988 and 0.985 of
+// the time of rows outermost. For a long K (W_in · xᵀ: K = D) rows go outermost, and a
+// tile's weight rows stay in L1 over its panels (panels outermost measured the same there,
+// 1.001 and 0.995).
 inline void gemm(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc, const float* next, int64_t next_lda) {
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR) {
-    const bool last = i + 2 * MR > M;
-    const float* pf = last ? next : A + (i + MR) * lda;
-    const int64_t pf_lda = last ? next_lda : lda;
-    const int pf_rows = last ? (next != nullptr ? MR : 0) : static_cast<int>(std::min<int64_t>(MR, M - i - MR));
-    row_tile<MR>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, K, n, pf, pf_lda, pf_rows);
+  const int64_t Mr = M / MR * MR;
+  if (K * 16 * NV_MAX * 4 <= L1_PANEL_BYTES) {
+    const int64_t nv = n / 16, panels = (nv + NV_MAX - 1) / NV_MAX;
+    for (int64_t p = 0, v = 0; p < panels; ++p) {
+      const int64_t w = (nv - v) / (panels - p);
+      for (int64_t i = 0; i < Mr; i += MR) {
+        const Prefetch f = p == 0 ? prefetch_for(i, M, A, lda, next, next_lda) : Prefetch{nullptr, 0, 0};
+        const float* a = A + i * lda;
+        if (w == 3) tile<MR, 3>(a, lda, B + 16 * v, ldb, C + i * ldc + 16 * v, ldc, K, f.p, f.lda, f.rows);
+        if (w == 2) tile<MR, 2>(a, lda, B + 16 * v, ldb, C + i * ldc + 16 * v, ldc, K, f.p, f.lda, f.rows);
+        if (w == 1) tile<MR, 1>(a, lda, B + 16 * v, ldb, C + i * ldc + 16 * v, ldc, K, f.p, f.lda, f.rows);
+      }
+      v += w;
+    }
+  } else {
+    for (int64_t i = 0; i < Mr; i += MR) {
+      const Prefetch f = prefetch_for(i, M, A, lda, next, next_lda);
+      row_tile<MR>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, K, n, f.p, f.lda, f.rows);
+    }
   }
-  tail<MR - 1>(M - i, A + i * lda, lda, B, ldb, C + i * ldc, ldc, K, n);
+  tail<MR - 1>(M - Mr, A + Mr * lda, lda, B, ldb, C + Mr * ldc, ldc, K, n);
 }
 
 }  // namespace moekit::cols

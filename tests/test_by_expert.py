@@ -421,6 +421,48 @@ def test_column_forward_matches_whole_experts_in_a_layer(monkeypatch):
         torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_column_forward_pieces_taken_by_another_thread(monkeypatch):
+    """A thread out of work takes pieces from the back of another thread's tokens and
+    leaves their outputs for the owner, which adds them in order. Here every slot of the
+    second half's tokens is dropped, so a second thread has nothing of its own and takes
+    pieces: outputs and saved pre-activations must equal one thread's bit for bit (the
+    kernel says how many pieces it took), and the oracle's values."""
+    _kernel(monkeypatch, "micro")
+    T = 8000  # ~1 ms of work per call, so that the second thread is up before it ends
+    x, w_in, w_out, ids, weights = _problem(T=T, D=64, E=8, F=64, K=2, empty=())
+    plan = _plan(ids, weights)
+    keep = plan.token_idx_R < T // 2
+    counts = torch.bincount(ids.flatten()[plan.slot_idx_R[keep]], minlength=8)
+    args = (x, plan.token_idx_R[keep].contiguous(), plan.weights_R[keep].contiguous(), counts, w_in, w_out)
+    fwd = ext.op("expert_bank_fwd_cols")
+    rows = int(keep.sum())
+
+    def run(threads):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y, h = torch.empty_like(x), torch.empty(rows, w_in.shape[1])
+            return fwd(*args, y, [h], [0]), y, h
+        finally:
+            torch.set_num_threads(old)
+
+    _, y1, h1 = run(1)
+    taken = 0
+    for _ in range(20):  # on a busy machine the second thread may start late
+        n, y2, h2 = run(2)
+        taken += n
+        assert torch.equal(y1, y2) and torch.equal(h1, h2)
+        if taken > 3:
+            break
+    assert taken > 0, "the idle thread never took a piece"
+    kept = dataclasses.replace(plan, token_idx_R=args[1], slot_idx_R=plan.slot_idx_R[keep], weights_R=args[2],
+                               counts_E=counts, requested_E=counts)
+    ref = loop.loop_experts(x.double(), dataclasses.replace(kept, weights_R=kept.weights_R.double()),
+                            w_in.double(), w_out.double(), SWIGLU)
+    assert (y1.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert y1[T // 2:].abs().max() == 0
+
+
 def test_column_kernel_rejects_bad_input():
     x, w_in, w_out, ids, weights = _problem(T=10, E=4, K=1, empty=())
     tok, w, y = torch.arange(10), torch.ones(10), torch.empty(10, 32)

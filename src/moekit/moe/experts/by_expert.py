@@ -55,6 +55,7 @@ is the reference; tests/test_by_expert.py holds the parity tests.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -180,8 +181,13 @@ def _calls(chunks: list[tuple[int, int, torch.Tensor]], one: bool, hs: list[torc
 def _columns(x_TD: torch.Tensor, micro: bool) -> bool:
     """Whether the forward runs with threads owning tokens, in columns: experts on the
     micro-kernel (their weights fit a core's L2, so a thread that runs them all re-reads
-    little), and a model width of whole 16-float vectors."""
-    return COLUMNS and micro and x_TD.shape[1] % 16 == 0
+    little), a model width of whole 16-float vectors, and a build with AVX-512."""
+    return COLUMNS and micro and x_TD.shape[1] % 16 == 0 and _columns_built()
+
+
+@functools.cache
+def _columns_built() -> bool:
+    return ext.available() and bool(ext.op("expert_bank_cols_built")(torch.empty(0)))
 
 
 class _ByExpertFFN(torch.autograd.Function):

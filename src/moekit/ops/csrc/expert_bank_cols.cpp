@@ -36,10 +36,13 @@
 #include "transpose_tile.h"
 #include "vec_math.h"
 
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
 
 namespace {
 
+#ifdef __AVX512F__
 using moekit::v16;
 
 // Columns c0 .. of xᵀ (D x ldd) for c < n: the rows x[idx[c]], each 16 x 16 block
@@ -310,11 +313,30 @@ int64_t bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   });
   return stolen.load();
 }
+#else
+int64_t bank_fwd_cols(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef) {
+  TORCH_CHECK(false, "expert_bank_fwd_cols: built without AVX-512 (by_expert.py does not call it then)");
+}
+#endif
+
+// whether this build has the kernel (the argument only routes the call to the CPU kernel)
+bool bank_cols_built(const at::Tensor&) {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd_cols(Tensor x, Tensor tok, Tensor weights, Tensor counts, Tensor w_in, Tensor w_out, "
         "Tensor(a!) y, Tensor(b!)[] h, int[] h_rows) -> int");
+  m.def("expert_bank_cols_built(Tensor like) -> bool");
 }
-TORCH_LIBRARY_IMPL(moekit, CPU, m) { m.impl("expert_bank_fwd_cols", bank_fwd_cols); }
+TORCH_LIBRARY_IMPL(moekit, CPU, m) {
+  m.impl("expert_bank_fwd_cols", bank_fwd_cols);
+  m.impl("expert_bank_cols_built", bank_cols_built);
+}

@@ -13,8 +13,10 @@
 //
 // Every output element is one chain of FMAs over k = 0, 1, ..., K-1 from zero, whatever
 // the tile shape, so a column's result does not depend on how many columns come with it.
+// AVX-512 only (expert_bank_cols.cpp is compiled without it elsewhere).
 #pragma once
 
+#ifdef __AVX512F__
 #include <immintrin.h>
 
 #include <algorithm>
@@ -130,3 +132,5 @@ inline void gemm(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda, c
 }
 
 }  // namespace moekit::cols
+
+#endif  // __AVX512F__

@@ -84,7 +84,7 @@ ENABLED = os.environ.get("MOEKIT_BY_EXPERT", "1") != "0"
 # with a slot buffer, one kernel call over all chunks (False: a call per chunk, as the
 # scatter path does; benchmarks/ab.py --switch onecall)
 ONE_CALL = True
-# inference forwards of micro-kernel experts with threads owning tokens, in columns
+# forwards of micro-kernel experts with threads owning tokens, in columns
 # (ops/csrc/expert_bank_cols.cpp; benchmarks/ab.py --switch columns)
 COLUMNS = os.environ.get("MOEKIT_COLUMNS", "1") != "0"
 

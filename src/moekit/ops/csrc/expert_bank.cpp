@@ -48,7 +48,7 @@
 
 #include <immintrin.h>
 
-#include "bank_inputs.h"
+#include "bank_common.h"
 #include "swiglu_rows.h"
 #include "transpose_tile.h"
 #include "vec_math.h"
@@ -214,11 +214,9 @@ std::vector<at::Tensor> thread_buffers(std::initializer_list<int64_t> widths, in
   return out;
 }
 
-// n floats of the calling thread's own, like thread_buffers
+// n floats of the calling thread's own (bank_common.h)
 at::Tensor thread_scratch(int64_t n) {
-  thread_local std::vector<float> store;
-  if (static_cast<int64_t>(store.size()) < n) store.resize(n);
-  return at::from_blob(store.data(), {n}, at::TensorOptions().dtype(at::kFloat));
+  return at::from_blob(moekit::bank::thread_floats(n), {n}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // The gathered rows lie at random places and the saved pre-activations were written

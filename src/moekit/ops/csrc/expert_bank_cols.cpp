@@ -31,7 +31,7 @@
 #include <cstring>
 #include <vector>
 
-#include "bank_inputs.h"
+#include "bank_common.h"
 #include "gemm_cols.h"
 #include "transpose_tile.h"
 #include "vec_math.h"
@@ -130,14 +130,6 @@ void save_cols(const float* hT, int64_t ld, int64_t N, const int64_t* rid, int64
     }
     cols_to_rows(hT, ld, N, c0, cnt, row, add, next);
   }
-}
-
-// The calling thread's n floats: one block per thread that only grows (fresh buffers on
-// every call were fresh pages to fault in, expert_bank.cpp says how costly)
-float* thread_floats(int64_t n) {
-  thread_local std::vector<float> store;
-  if (static_cast<int64_t>(store.size()) < n) store.resize(n);
-  return store.data();
 }
 
 // Columns per pass through an expert: xᵀ (D x 192 + 16) and hᵀ stay in a core's L2.
@@ -272,7 +264,7 @@ int64_t bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   };
 
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    float* buf = thread_floats((2 * D + N + F) * W + D + W);
+    float* buf = moekit::bank::thread_floats((2 * D + N + F) * W + D + W);
     std::fill(buf + (2 * D + N + F) * W + W, buf + (2 * D + N + F) * W + W + D, 0.0f);  // the zero row
     Owned& u = units[p0];
     u.build(T * p0 / P, T * p1 / P, experts, start, tp, wp, !h.empty());

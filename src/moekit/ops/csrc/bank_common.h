@@ -1,8 +1,11 @@
-// The input checks of the expert bank's kernels (expert_bank.cpp, expert_bank_cols.cpp):
-// the rows' tokens and routing weights, and the stacked SwiGLU weights.
+// What the expert bank's kernels (expert_bank.cpp, expert_bank_cols.cpp) share: the
+// input checks (the rows' tokens and routing weights, the stacked SwiGLU weights) and the
+// threads' scratch memory.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 namespace moekit::bank {
 
@@ -25,6 +28,16 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::T
   const int64_t* tp = tok.data_ptr<int64_t>();
   for (int64_t r = 0; r < tok.numel(); ++r)
     TORCH_CHECK(tp[r] >= 0 && tp[r] < x.size(0), "expert_bank: token index ", tp[r], " out of range");
+}
+
+// The calling thread's n floats: one block per thread that lives as long as the thread
+// (torch's pool threads persist) and only grows. Fresh buffers on every call were fresh
+// pages to fault in (expert_bank.cpp: thread_buffers says how costly). One kernel call
+// at a time uses it per thread.
+inline float* thread_floats(int64_t n) {
+  thread_local std::vector<float> store;
+  if (static_cast<int64_t>(store.size()) < n) store.resize(n);
+  return store.data();
 }
 
 }  // namespace moekit::bank

@@ -206,22 +206,31 @@ def test_small_chunks_split_experts(monkeypatch):
     assert firsts == {0: [1, 0], 2: [1], 3: [1, 0, 0]}
 
 
+def _small_layer():
+    """A MoELayer with a shared expert and the balance losses, and an input for it."""
+    cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
+    torch.manual_seed(0)
+    return MoELayer(cfg), torch.randn(4, 50, 32)
+
+
+def _train_step(layer, x):
+    """(y, dx, the parameters' gradients) of one forward and backward of the layer."""
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    out = layer(xi)
+    (out.y.square().sum() + out.aux_loss).backward()
+    return out.y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
 def test_matches_the_chunk_loop_in_a_layer(monkeypatch):
     """Through MoELayer with a shared expert and the balance losses, against the same
     layer with the by-expert path switched off (grouped.py's chunk loop)."""
     calls = _spy(monkeypatch)
-    cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
-    torch.manual_seed(0)
-    layer = MoELayer(cfg)
-    x = torch.randn(4, 50, 32)
+    layer, x = _small_layer()
     results = []
     for on in (True, False):
         monkeypatch.setattr(by_expert, "ENABLED", on)
-        layer.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        (out.y.square().sum() + out.aux_loss).backward()
-        results.append((out.y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        results.append(_train_step(layer, x))
     assert len(calls) == 1
     (y_a, gx_a, g_a), (y_b, gx_b, g_b) = results
     torch.testing.assert_close(y_a, y_b, atol=1e-5, rtol=1e-5)
@@ -402,23 +411,17 @@ def test_column_forward_matches_whole_experts_in_a_layer(monkeypatch):
     the same layer with it switched off (whole experts per thread, summed slots)."""
     _kernel(monkeypatch, "micro")
     names = _column_calls(monkeypatch)
-    cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
-    torch.manual_seed(0)
-    layer = MoELayer(cfg)
-    x = torch.randn(4, 50, 32)
+    layer, x = _small_layer()
     results = []
     for on in (True, False):
         monkeypatch.setattr(by_expert, "COLUMNS", on)
         names.clear()
         with torch.no_grad():
             y_inf = layer(x).y
-        layer.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        (out.y.square().sum() + out.aux_loss).backward()
+        step = _train_step(layer, x)
         fwd = "expert_bank_fwd_cols" if on else "expert_bank_fwd"
         assert names.count(fwd) == 2 and names.count("expert_bank_bwd") == 1, names
-        results.append((y_inf, out.y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        results.append((y_inf, *step))
     (yi_a, y_a, gx_a, g_a), (yi_b, y_b, gx_b, g_b) = results
     assert torch.equal(yi_a, y_a), "with or without grad, the column forward gives the same bits"
     for a, b in ((y_a, y_b), (yi_a, yi_b), (gx_a, gx_b)):

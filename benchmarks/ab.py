@@ -21,6 +21,7 @@ Switches (off -> on):
   onecall  the bank's kernels called once per chunk -> once over all chunks
   columns  the inference forward of micro-kernel experts: whole experts per thread and
            summed slots -> threads owning tokens, in columns (ops/csrc/expert_bank_cols.cpp)
+  packed   that forward in columns -> in rows on packed weights (ops/csrc/expert_bank_rows.cpp)
 """
 
 from __future__ import annotations
@@ -87,8 +88,13 @@ def _columns(on: bool) -> None:
     by_expert.COLUMNS = on
 
 
+def _packed(on: bool) -> None:
+    by_expert.ROWS = on
+
+
 SWITCHES = {"pool": _pool, "kernels": _kernels, "topk": _topk, "swiglu": _swiglu, "rows": _rows,
-            "byexpert": _byexpert, "micro": _micro, "stream": _stream, "onecall": _onecall, "columns": _columns}
+            "byexpert": _byexpert, "micro": _micro, "stream": _stream, "onecall": _onecall, "columns": _columns,
+            "packed": _packed}
 
 
 def _train_step(steps: int = 5):

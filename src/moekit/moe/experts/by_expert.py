@@ -48,6 +48,11 @@ output rows straight into y, with no slot buffer; a training forward also writes
 pre-activations the backward above reads (see _columns and docs/design.md). `many`
 inference forward: 0.887 and 0.908 of the time.
 
+Inference forwards on weights met unchanged before run in rows instead, on a packed copy
+of the weights (ops/csrc/expert_bank_rows.cpp, packed.py: no padding of each expert's
+tokens to whole vectors, no transposes of rows): `many` inference forward 0.890-0.920 of
+the column kernel's time (benchmarks/ab.py --switch packed).
+
 Every expert's products run on one thread in a fixed order, so results do not depend
 on the thread count or the scheduling (exact resume stays exact). grouped.py's loop
 is the reference; tests/test_by_expert.py holds the parity tests.
@@ -60,6 +65,7 @@ import os
 
 import torch
 
+from moekit.moe.experts import packed
 from moekit.moe.experts.activations import Activation
 from moekit.moe.experts.chunks import plan_chunks
 from moekit.moe.types import DispatchPlan
@@ -87,6 +93,9 @@ ONE_CALL = True
 # forwards of micro-kernel experts with threads owning tokens, in columns
 # (ops/csrc/expert_bank_cols.cpp; benchmarks/ab.py --switch columns)
 COLUMNS = os.environ.get("MOEKIT_COLUMNS", "1") != "0"
+# of those, inference forwards on weights met unchanged before: in rows, on a packed copy
+# of the weights (ops/csrc/expert_bank_rows.cpp, moe/experts/packed.py; ab.py --switch packed)
+ROWS = os.environ.get("MOEKIT_ROWS", "1") != "0"
 
 
 def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
@@ -185,6 +194,19 @@ def _columns(x_TD: torch.Tensor, micro: bool) -> bool:
     return COLUMNS and micro and x_TD.shape[1] % 16 == 0 and _columns_built()
 
 
+def _packed(x_TD: torch.Tensor, w_in_END: torch.Tensor, w_out_EDF: torch.Tensor, columns: bool,
+            keep_h: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The packed weights when the forward runs in rows (ops/csrc/expert_bank_rows.cpp):
+    an inference forward that could run in columns, F a multiple of 16, and weights met
+    unchanged before (packed.py: packed). A training forward drops the packed copy."""
+    if keep_h:
+        packed.forget(w_in_END)
+        return None
+    if not (ROWS and columns and w_out_EDF.shape[2] % 16 == 0):
+        return None
+    return packed.packed(w_in_END, w_out_EDF)
+
+
 @functools.cache
 def _columns_built() -> bool:
     return ext.available() and bool(ext.op("expert_bank_cols_built")(torch.empty(0)))
@@ -206,7 +228,12 @@ class _ByExpertFFN(torch.autograd.Function):
         chunks = plan_segments(counts, chunk_rows(x_TD, N)) if keep_h or not columns else []
         # the saved pre-activations in a block per chunk (each below glibc's mmap threshold)
         hs = [x_TD.new_empty(r1 - r0, N) for r0, r1, _ in chunks] if keep_h else []
-        if columns:
+        p_in_out = _packed(x_TD, w_in_END, w_out_EDF, columns, keep_h)
+        if p_in_out is not None:
+            y_TD = torch.empty_like(x_TD)
+            ext.op("expert_bank_fwd_rows")(x_TD, token_idx_R, w_R, torch.tensor(counts, dtype=torch.int64),
+                                           *p_in_out, y_TD)
+        elif columns:
             y_TD = torch.empty_like(x_TD)
             ext.op("expert_bank_fwd_cols")(x_TD, token_idx_R, w_R, torch.tensor(counts, dtype=torch.int64),
                                            w_in_END, w_out_EDF, y_TD, hs, [r0 for r0, _, _ in chunks] if hs else [])

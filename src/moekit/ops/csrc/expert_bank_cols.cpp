@@ -14,7 +14,7 @@
 //   oᵀ = W_out · aᵀ;  y[t] += column of oᵀ.
 // Each thread reads every expert's weights (the two threads nearly together), and a
 // column count is padded to whole 16-wide vectors per expert and thread. A thread out
-// of work takes pieces of another's (struct Owned).
+// of work takes pieces of another's (bank_owned.h).
 // Measured on the "many" layer (benchmarks/ab.py --switch columns, forward, 2 threads)
 // against the whole-experts forward and sum_slots: see docs/design.md.
 //
@@ -26,12 +26,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <cstring>
 #include <vector>
 
 #include "bank_common.h"
+#include "bank_owned.h"
 #include "gemm_cols.h"
 #include "transpose_tile.h"
 #include "vec_math.h"
@@ -135,62 +134,6 @@ void save_cols(const float* hT, int64_t ld, int64_t N, const int64_t* rid, int64
 // Columns per pass through an expert: xᵀ (D x 192 + 16) and hᵀ stay in a core's L2.
 constexpr int64_t PIECE = 192;
 
-// Some columns of one expert: rows b .. b+n-1 of a unit's row lists, padded to whole
-// vectors. The row stride is an odd number of cache lines: a power-of-two stride maps
-// the rows onto few L1 sets (harness: 128 columns at 208 GFLOP/s against 224-229 for
-// 112 and 144).
-struct Piece {
-  int64_t e, b, n;
-  int64_t nc() const { return (n + 15) / 16 * 16; }
-  int64_t ld() const { return nc() | 16; }
-};
-
-// One thread's tokens [t0, t1): their rows, expert by expert, cut into pieces of equal
-// width, at most PIECE columns each. Its thread adds every piece's output into y, in
-// order; a thread that runs out of work takes pieces from the back (state THIEF) and
-// leaves their output in `stolen` (state DONE) for the owner to add in turn. A column's
-// output does not depend on which thread computes it, so neither does y.
-struct Owned {
-  enum : int { FREE, OWNER, THIEF, DONE };
-  int64_t t0 = 0, t1 = 0;
-  std::vector<int64_t> idx, rid;  // token and row of each column
-  std::vector<float> wr;          // its routing weight
-  std::vector<Piece> pieces;
-  std::unique_ptr<std::atomic<int>[]> state;
-  std::vector<std::vector<float>> stolen;
-  std::atomic<bool> ready{false};
-
-  void build(int64_t lo, int64_t hi, const std::vector<int64_t>& experts, const std::vector<int64_t>& start,
-             const int64_t* tp, const float* wp, bool rows) {
-    t0 = lo;
-    t1 = hi;
-    for (const int64_t e : experts) {
-      const int64_t b = static_cast<int64_t>(idx.size());
-      for (int64_t r = start[e]; r < start[e + 1]; ++r)
-        if (tp[r] >= t0 && tp[r] < t1) {
-          if (rows) rid.push_back(r);
-          idx.push_back(tp[r]);
-          wr.push_back(wp[r]);
-        }
-      const int64_t n = static_cast<int64_t>(idx.size()) - b, k = (n + PIECE - 1) / PIECE;
-      for (int64_t q = 0, q0 = 0; q < k; ++q) {
-        const int64_t nq = (n - q0) / (k - q);
-        pieces.push_back({e, b + q0, nq});
-        q0 += nq;
-      }
-    }
-    state.reset(new std::atomic<int>[pieces.size()]);
-    for (size_t i = 0; i < pieces.size(); ++i) state[i].store(FREE, std::memory_order_relaxed);
-    stolen.resize(pieces.size());
-    ready.store(true, std::memory_order_release);
-  }
-
-  bool claim(int64_t j, int who) {
-    int free = FREE;
-    return state[j].compare_exchange_strong(free, who, std::memory_order_acq_rel);
-  }
-};
-
 // y = Σ over each token's rows of w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ. The rows are sorted
 // by expert, counts[e] of them for expert e (counts may stop before the last expert).
 // h, when given, gets each row's pre-activations [x W_gᵀ, x W_uᵀ] (a training forward
@@ -204,17 +147,7 @@ int64_t bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   TORCH_CHECK(D % 16 == 0, "expert_bank_fwd_cols: the model width must be a multiple of 16, got ", D);
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.sizes() == x.sizes(),
               "expert_bank_fwd_cols: y must be contiguous float32 like x");
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.is_contiguous() &&
-                  counts.numel() <= E, "expert_bank_fwd_cols: counts must be contiguous int64 with at most ", E,
-              " entries");
-  std::vector<int64_t> start{0};
-  const int64_t* cp = counts.data_ptr<int64_t>();
-  for (int64_t e = 0; e < counts.numel(); ++e) {
-    TORCH_CHECK(cp[e] >= 0, "expert_bank_fwd_cols: expert ", e, " has a negative count ", cp[e]);
-    start.push_back(start.back() + cp[e]);
-  }
-  TORCH_CHECK(start.back() == tok.numel(), "expert_bank_fwd_cols: the counts add up to ", start.back(), " rows, not ",
-              tok.numel());
+  const auto start = moekit::bank::expert_starts(counts, E, tok.numel(), "expert_bank_fwd_cols");
   // the saved pre-activations, when given: rows h_rows[b] .. of the call in block h[b]
   TORCH_CHECK(h.size() == h_rows.size(), "expert_bank_fwd_cols: ", h.size(), " blocks of h but ", h_rows.size(),
               " row starts");
@@ -238,72 +171,31 @@ int64_t bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   const float* win = w_in.data_ptr<float>();
   const float* wout = w_out.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T / 64));
-  std::vector<int64_t> experts;  // those with rows, in order
-  for (int64_t e = 0; e < counts.numel(); ++e)
-    if (cp[e] > 0) experts.push_back(e);
-  std::vector<Owned> units(P);
-  std::atomic<int64_t> stolen{0};
   constexpr int64_t W = PIECE + 16;  // the widest row stride
+  using moekit::bank::Owned;
+  using moekit::bank::Piece;
 
-  // xᵀ, hᵀ, aᵀ and finally oᵀ of one piece, in the calling thread's buffers; `next` is
-  // the weight this thread reads after it (prefetched during the second product)
-  const auto compute = [&](const Owned& u, const Piece& g, const float* next, float* buf) {
+  // xᵀ, hᵀ, aᵀ and finally oᵀ of piece j, in the calling thread's buffers; during the
+  // second product the weight of piece `next` (the one this thread runs after) is prefetched
+  const auto compute = [&](const Owned& u, int64_t j, int64_t next, float* buf, uint8_t*) {
+    const Piece& g = u.pieces[j];
     float *xT = buf, *hT = xT + D * W, *aT = hT + N * W, *oT = aT + F * W, *wc = oT + D * W, *zeros = wc + W;
+    std::fill(zeros, zeros + D, 0.0f);
     const float *wi = win + g.e * N * D, *wo = wout + g.e * D * F;
     gather_cols(xp, D, u.idx.data() + g.b, g.n, zeros, xT, g.ld());
     moekit::cols::gemm(N, g.nc(), D, wi, D, xT, g.ld(), hT, g.ld(), wo, F);
     if (!h.empty()) save_cols(hT, g.ld(), N, u.rid.data() + g.b, g.n, h_at);
     for (int64_t c = 0; c < g.nc(); ++c) wc[c] = c < g.n ? u.wr[g.b + c] : 0.0f;
     swiglu_cols(hT, F, g.nc(), g.ld(), wc, aT);
-    moekit::cols::gemm(D, g.nc(), F, wo, F, aT, g.ld(), oT, g.ld(), next, D);
-    return oT;
+    moekit::cols::gemm(D, g.nc(), F, wo, F, aT, g.ld(), oT, g.ld(), next < 0 ? nullptr : win + u.pieces[next].e * N * D, D);
+    return static_cast<const float*>(oT);
   };
-  const auto weight_of = [&](const Owned& u, int64_t j) {
-    return j < 0 || j >= static_cast<int64_t>(u.pieces.size()) ? nullptr : win + u.pieces[j].e * N * D;
+  const auto out_floats = [&](const Piece& g) { return D * g.ld(); };
+  const auto add = [&](const Owned& u, const Piece& g, const float* oT, uint8_t* seen) {
+    scatter_cols(oT, g.ld(), D, u.idx.data() + g.b, g.n, yp, seen, u.t0);
   };
-
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    float* buf = moekit::bank::thread_floats((2 * D + N + F) * W + D + W);
-    std::fill(buf + (2 * D + N + F) * W + W, buf + (2 * D + N + F) * W + W + D, 0.0f);  // the zero row
-    Owned& u = units[p0];
-    u.build(T * p0 / P, T * p1 / P, experts, start, tp, wp, !h.empty());
-    for (int64_t q = p0 + 1; q < p1; ++q) units[q].ready.store(true, std::memory_order_release);  // empty
-    // the owner: pieces from the front, each added into y as it comes
-    std::vector<uint8_t> seen(u.t1 - u.t0, 0);
-    const int64_t J = static_cast<int64_t>(u.pieces.size());
-    int64_t j = 0;
-    for (; j < J && u.claim(j, Owned::OWNER); ++j) {
-      const Piece& g = u.pieces[j];
-      const float* oT = compute(u, g, weight_of(u, j + 1), buf);
-      scatter_cols(oT, g.ld(), D, u.idx.data() + g.b, g.n, yp, seen.data(), u.t0);
-    }
-    // a thief: the other units' pieces from their back, while they have free ones; each
-    // output waits in the unit's own room for its owner to add it
-    for (int64_t k = 1; k < P; ++k) {
-      Owned& v = units[(p0 + k) % P];
-      if (!v.ready.load(std::memory_order_acquire)) continue;
-      for (int64_t i = static_cast<int64_t>(v.pieces.size()) - 1; i >= 0; --i) {
-        const int s = v.state[i].load(std::memory_order_acquire);
-        if (s == Owned::OWNER) break;  // the owner got here
-        if (s != Owned::FREE || !v.claim(i, Owned::THIEF)) continue;
-        const Piece& g = v.pieces[i];
-        const float* oT = compute(v, g, weight_of(v, i - 1), buf);
-        v.stolen[i].assign(oT, oT + D * g.ld());
-        v.state[i].store(Owned::DONE, std::memory_order_release);
-        stolen.fetch_add(1, std::memory_order_relaxed);
-      }
-    }
-    // the owner again: the pieces thieves took, added in their order once computed
-    for (; j < J; ++j) {
-      while (u.state[j].load(std::memory_order_acquire) != Owned::DONE) _mm_pause();
-      const Piece& g = u.pieces[j];
-      scatter_cols(u.stolen[j].data(), g.ld(), D, u.idx.data() + g.b, g.n, yp, seen.data(), u.t0);
-    }
-    for (int64_t t = u.t0; t < u.t1; ++t)  // tokens no row names: nothing from the bank
-      if (!seen[t - u.t0]) std::memset(yp + t * D, 0, D * sizeof(float));
-  });
-  return stolen.load();
+  return moekit::bank::run_owned(T, D, start, tp, wp, !h.empty(), PIECE, (2 * D + N + F) * W + D + W, yp, compute,
+                                 out_floats, add);
 }
 #else
 int64_t bank_fwd_cols(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

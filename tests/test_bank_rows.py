@@ -117,7 +117,7 @@ def test_row_forward_pieces_taken_by_another_thread():
     """Every slot of the second half's tokens is dropped, so a second thread has nothing
     of its own and takes pieces from the first's back, leaving their rows for the owner:
     the outputs must equal one thread's bit for bit (the kernel says how many it took)."""
-    T, D, E, F = 8000, 64, 8, 64  # ~1 ms of work per call, so that the second thread is up before it ends
+    T, D, E, F = 8000, 128, 8, 128  # ~3 ms of work per call, so that the second thread is up before it ends
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, D, generator=g)
     w_in, w_out = torch.randn(E, 2 * F, D, generator=g) * 0.1, torch.randn(E, D, F, generator=g) * 0.1
@@ -127,7 +127,7 @@ def test_row_forward_pieces_taken_by_another_thread():
             torch.bincount(ids, minlength=E))
     y1, _ = _rows(*args, threads=1)
     taken = 0
-    for _ in range(20):  # on a busy machine the second thread may start late
+    for _ in range(30):  # on a busy machine the second thread may start late
         y2, n = _rows(*args, threads=2)
         taken += n
         assert torch.equal(y1, y2)

@@ -126,14 +126,16 @@ def test_row_forward_pieces_taken_by_another_thread():
     args = (x, w_in, w_out, (order // 2).contiguous(), torch.rand(T, generator=g)[order].contiguous(),
             torch.bincount(ids, minlength=E))
     y1, _ = _rows(*args, threads=1)
-    taken = 0
+    taken = []
     for _ in range(30):  # on a busy machine the second thread may start late
         y2, n = _rows(*args, threads=2)
-        taken += n
+        taken.append(n)
         assert torch.equal(y1, y2)
-        if taken > 3:
+        if sum(taken[1:]) > 3:
             break
-    assert taken > 0, "the idle thread never took a piece"
+    # not only the first call, whose threads start late: a thief that found its victim's
+    # list not yet built used to give up, on every call but the first
+    assert sum(taken[1:]) > 0, f"no call after the first took a piece: {taken}"
     ref = _oracle(*args)
     assert (y1.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert y1[T // 2:].abs().max() == 0

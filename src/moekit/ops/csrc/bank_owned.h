@@ -128,7 +128,9 @@ int64_t run_owned(int64_t T, int64_t D, const std::vector<int64_t>& start, const
     // output waits in the unit's own room for its owner to add it
     for (int64_t k = 1; k < P; ++k) {
       Owned& v = units[(p0 + k) % P];
-      if (!v.ready.load(std::memory_order_acquire)) continue;
+      // its thread builds it first thing (skipping it while not yet built left a thread
+      // with no tokens of its own idle on every call but the first)
+      while (!v.ready.load(std::memory_order_acquire)) MOEKIT_PAUSE();
       for (int64_t i = static_cast<int64_t>(v.pieces.size()) - 1; i >= 0; --i) {
         const int s = v.state[i].load(std::memory_order_acquire);
         if (s == Owned::OWNER) break;  // the owner got here

@@ -48,10 +48,12 @@ output rows straight into y, with no slot buffer; a training forward also writes
 pre-activations the backward above reads (see _columns and docs/design.md). `many`
 inference forward: 0.887 and 0.908 of the time.
 
-Inference forwards on weights met unchanged before run in rows instead, on a packed copy
-of the weights (ops/csrc/expert_bank_rows.cpp, packed.py: no padding of each expert's
-tokens to whole vectors, no transposes of rows): `many` inference forward 0.890-0.920 of
-the column kernel's time (benchmarks/ab.py --switch packed).
+Inference forwards on weights met unchanged before, in models up to ROWS_MAX_D wide, run
+in rows instead, on a packed copy of the weights (ops/csrc/expert_bank_rows.cpp,
+packed.py): threads own tokens as in columns, but nothing is padded to whole vectors or
+transposed, and experts too big for the micro-kernel take it too. Inference forward,
+benchmarks/ab.py --switch packed: `many` 0.890-0.920 of the column kernel's time, `fine`
+0.889 of the whole-experts path's.
 
 Every expert's products run on one thread in a fixed order, so results do not depend
 on the thread count or the scheduling (exact resume stays exact). grouped.py's loop
@@ -93,9 +95,15 @@ ONE_CALL = True
 # forwards of micro-kernel experts with threads owning tokens, in columns
 # (ops/csrc/expert_bank_cols.cpp; benchmarks/ab.py --switch columns)
 COLUMNS = os.environ.get("MOEKIT_COLUMNS", "1") != "0"
-# of those, inference forwards on weights met unchanged before: in rows, on a packed copy
-# of the weights (ops/csrc/expert_bank_rows.cpp, moe/experts/packed.py; ab.py --switch packed)
+# inference forwards on weights met unchanged before: in rows, on a packed copy of the
+# weights (ops/csrc/expert_bank_rows.cpp, moe/experts/packed.py; ab.py --switch packed)
 ROWS = os.environ.get("MOEKIT_ROWS", "1") != "0"
+# the widest model that forward takes. Its pieces hold 384 KiB of x rows (96 rows at
+# D = 1024), and each piece streams its expert's weights in again: in-process A/B of the
+# forward against the paths above (T = 1024): D = 1024, E = 64, k = 8, F = 352: 0.763
+# (0.849 at T = 4096, 0.727 at T = 512); D = 2048 (pieces of 48 rows), E = 64, k = 8,
+# F = 704: 1.119; E = 32, k = 4, F = 1408: 1.162.
+ROWS_MAX_D = 1024
 
 
 def takes(x_TD: torch.Tensor, counts: list[int], w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
@@ -194,15 +202,17 @@ def _columns(x_TD: torch.Tensor, micro: bool) -> bool:
     return COLUMNS and micro and x_TD.shape[1] % 16 == 0 and _columns_built()
 
 
-def _packed(x_TD: torch.Tensor, w_in_END: torch.Tensor, w_out_EDF: torch.Tensor, columns: bool,
+def _packed(x_TD: torch.Tensor, w_in_END: torch.Tensor, w_out_EDF: torch.Tensor,
             keep_h: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The packed weights when the forward runs in rows (ops/csrc/expert_bank_rows.cpp):
-    an inference forward that could run in columns, F a multiple of 16, and weights met
-    unchanged before (packed.py: packed). A training forward drops the packed copy."""
+    an inference forward, D and F multiples of 16, D at most ROWS_MAX_D, an AVX-512
+    build, and weights met unchanged before (packed.py: packed). A training forward drops
+    the packed copy."""
     if keep_h:
         packed.forget(w_in_END)
         return None
-    if not (ROWS and columns and w_out_EDF.shape[2] % 16 == 0):
+    D, F = x_TD.shape[1], w_out_EDF.shape[2]
+    if not (ROWS and D % 16 == 0 and F % 16 == 0 and D <= ROWS_MAX_D and _columns_built()):
         return None
     return packed.packed(w_in_END, w_out_EDF)
 
@@ -223,12 +233,13 @@ class _ByExpertFFN(torch.autograd.Function):
         keep_h = grad_on and any(ctx.needs_input_grad[:4])
         micro = gemm.bank_micro_kernel(x_TD.shape[1], N)
         columns = _columns(x_TD, micro)
-        # the column forward needs no chunks but for the saved pre-activations (planning
-        # them took ~0.25 ms of a `many` inference forward)
-        chunks = plan_segments(counts, chunk_rows(x_TD, N)) if keep_h or not columns else []
+        p_in_out = _packed(x_TD, w_in_END, w_out_EDF, keep_h)
+        # the forwards that own tokens need no chunks but for the saved pre-activations
+        # (planning them took ~0.25 ms of a `many` inference forward)
+        chunks = plan_segments(counts, chunk_rows(x_TD, N)) if keep_h or not (columns or p_in_out is not None) \
+            else []
         # the saved pre-activations in a block per chunk (each below glibc's mmap threshold)
         hs = [x_TD.new_empty(r1 - r0, N) for r0, r1, _ in chunks] if keep_h else []
-        p_in_out = _packed(x_TD, w_in_END, w_out_EDF, columns, keep_h)
         if p_in_out is not None:
             y_TD = torch.empty_like(x_TD)
             ext.op("expert_bank_fwd_rows")(x_TD, token_idx_R, w_R, torch.tensor(counts, dtype=torch.int64),

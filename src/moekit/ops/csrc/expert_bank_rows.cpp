@@ -36,9 +36,11 @@
 namespace {
 
 #ifdef __AVX512F__
-// Rows per pass through an expert: their x rows (384 KiB at D = 512) stay in a core's L2
-// while the panels stream past them
-constexpr int64_t PIECE = 192;
+// Rows per pass through an expert: their x rows (at most 384 KiB) stay in a core's L2
+// while the panels stream past them; 192 at D = 512, 96 at D = 1024
+constexpr int64_t PIECE_BYTES = 384 * 1024, PIECE_MAX = 192;
+// how far the weight stream runs ahead of its use: a panel of W_in at D = 512 (128 KiB)
+constexpr int64_t AHEAD_LINES = 2048;
 constexpr int GV = 2;  // gate vectors per W_in panel (and as many up vectors): 4 in all
 
 // y rows idx[i] (+)= row i of o (row stride ldo), i < n: written at a token's first row
@@ -91,6 +93,7 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   using moekit::rows::RT;
   // row strides of an odd number of cache lines (see bank_owned.h: Piece)
   const int64_t lda = F | 16, ldo = D | 16, FV = F / 16, DV = D / 16;
+  const int64_t piece = std::clamp<int64_t>(PIECE_BYTES / (4 * D), RT, PIECE_MAX);
   const auto in_lines = [&](int64_t v0) { return D * 2 * std::min<int64_t>(GV, FV - v0); };  // panel at v0
 
   using moekit::rows::NV_MAX;
@@ -147,12 +150,12 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   // then those of piece `next` (the one this thread runs after; -1: none).
   const auto compute = [&](const Owned& u, int64_t j, int64_t next, float* buf, uint8_t* seen) {
     const Piece& g = u.pieces[j];
-    float *a = buf, *o = a + PIECE * lda, *tmp = o + PIECE * ldo;  // tmp: a tile of h, or of o
+    float *a = buf, *o = a + piece * lda, *tmp = o + piece * ldo;  // tmp: a tile of h, or of o
     thread_local std::vector<const float*> rows;  // of x and of a
     thread_local std::vector<float*> yrows;
-    rows.resize(2 * PIECE);
-    yrows.resize(PIECE);
-    const float **xr = rows.data(), **ar = xr + PIECE;
+    rows.resize(2 * piece);
+    yrows.resize(piece);
+    const float **xr = rows.data(), **ar = xr + piece;
     float** yr = yrows.data();
     for (int64_t i = 0; i < g.n; ++i)
       xr[i] = xp + u.idx[g.b + i] * D, ar[i] = a + i * lda, yr[i] = yp + u.idx[g.b + i] * D;
@@ -164,7 +167,7 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
       stream.push(pin + e * N * D, N * D / 16);
       stream.push(pout + e * F * D, F * D / 16);
     }
-    stream.skip(in_lines(0));  // the first panel: prefetched by the piece before
+    stream.skip(std::min(in_lines(0), AHEAD_LINES));  // prefetched by the piece before
     first(xr, g.n, pin + g.e * N * D, u.wr.data() + g.b, stream, a, tmp);
     second(ar, g.n, pout + g.e * F * D, stream, o, tmp, seen != nullptr ? yr : nullptr, u.idx.data() + g.b, seen,
            u.t0);
@@ -174,8 +177,8 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   const auto add = [&](const Owned& u, const Piece& g, const float* o, uint8_t* seen) {
     add_rows(o, ldo, D, u.idx.data() + g.b, g.n, yp, seen, u.t0);
   };
-  const int64_t buf_floats = PIECE * (lda + ldo) + RT * std::max<int64_t>(32 * GV, ldo);
-  return moekit::bank::run_owned(T, D, start, tp, wp, false, PIECE, buf_floats, yp, compute, out_floats, add);
+  const int64_t buf_floats = piece * (lda + ldo) + RT * std::max<int64_t>(32 * GV, ldo);
+  return moekit::bank::run_owned(T, D, start, tp, wp, false, piece, buf_floats, yp, compute, out_floats, add);
 }
 #else
 int64_t bank_fwd_rows(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

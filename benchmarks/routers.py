@@ -2,8 +2,9 @@
 the dense-equivalent FFN (higher is better; 1.0 = as fast as the dense layer).
 
 Fine config (DeepSeekMoE-style): d_model 1024, E = 64 experts of F = 352, top_k 8, one
-shared expert of 704; dense twin: a SwiGLU FFN of hidden K·F + 704 = 3520 (the same
-active FLOPs per token). T = 4096 tokens, as 4 sequences of 1024 (Soft MoE mixes within a
+shared expert of 704; dense twin: benchmarks/layer.py's dense limit (its `dense-gemm`
+row: a SwiGLU FFN of hidden K·F + 704 = 3520, the same active FLOPs per token, on
+moekit's Linear, plus the router matmul). T = 4096 tokens, as 4 sequences of 1024 (Soft MoE mixes within a
 sequence). A step is forward, backward of <y, g> (+ aux loss) with a fixed g.
 Rounds interleave every variant (order rotated each round) so load drift on a shared
 machine hits all alike; the median round time is reported.
@@ -23,14 +24,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import layer as L  # noqa: E402  (benchmarks/layer.py: its dense limit)
+
 from moekit import MoEConfig, MoELayer
-from moekit.moe.experts import DenseFFN
+from moekit.layers import Linear
 from moekit.moe.router.dts import step_dts_schedule
+from moekit.training import keep_freed_memory
 
 Step = Callable[[], None]
 
@@ -102,13 +109,18 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="router variants to run (default: all)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    # glibc's malloc thresholds as `moekit train` and benchmarks/layer.py set them, for every
+    # variant alike: under the defaults, freed buffers came back as fresh pages for some
+    # models and not others (layer.py's docstring has the numbers)
+    keep_freed_memory()
     torch.manual_seed(0)
     x = torch.randn(a.batch, a.seq, a.d_model)
     g = torch.randn_like(x)
     ids = torch.randint(0, 50_000, (a.batch, a.seq))
     builders = variants(a)
     names = [n for n in builders if a.only is None or n in a.only or n.split("@")[0] in a.only]
-    dense = DenseFFN(a.d_model, 8 * 352 + 704, "swiglu")
+    # the dense limit of benchmarks/layer.py (its `dense-gemm` row) at this shape
+    dense = L.Dense(L.Shape(d=a.d_model, E=64, k=8, F=352, T=a.batch * a.seq, shared_F=704), Linear)
     models = {"dense": dense, **{n: builders[n]().train() for n in names}}
     steps = {n: make_step(m, x, ids, g) for n, m in models.items()}
     rows = {n: experts_per_token(m, x, ids) for n, m in models.items()}

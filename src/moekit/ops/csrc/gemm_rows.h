@@ -44,7 +44,7 @@ struct Stream {
     return i < n ? seg[i] + 16 * at++ : nullptr;
   }
   void skip(int64_t l) {
-    for (; l > 0 && i < n; ) {
+    while (l > 0 && i < n) {
       const int64_t k = std::min(l, lines[i] - at);
       at += k, l -= k;
       if (at == lines[i]) ++i, at = 0;

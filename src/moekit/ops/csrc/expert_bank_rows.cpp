@@ -44,12 +44,13 @@ constexpr int64_t AHEAD_LINES = 2048;
 constexpr int GV = 2;  // gate vectors per W_in panel (and as many up vectors): 4 in all
 
 // y rows idx[i] (+)= row i of o (row stride ldo), i < n: written at a token's first row
-// (seen[token - t0] still 0), added to after
+// (seen[token - t0] still 0), added to after. With `ahead`, rows PREFETCH_AHEAD on are
+// requested early (a tile's own rows were prefetched while it computed)
 void add_rows(const float* o, int64_t ldo, int64_t D, const int64_t* idx, int64_t n, float* y, uint8_t* seen,
-              int64_t t0) {
+              int64_t t0, bool ahead) {
   constexpr int64_t AHEAD = moekit::PREFETCH_AHEAD;
   for (int64_t i = 0; i < n; ++i) {
-    if (i + AHEAD < n) moekit::prefetch_floats<1>(y + idx[i + AHEAD] * D, D);
+    if (ahead && i + AHEAD < n) moekit::prefetch_floats<1>(y + idx[i + AHEAD] * D, D);
     float* yr = y + idx[i] * D;
     const float* orow = o + i * ldo;
     if (seen[idx[i] - t0]) {
@@ -142,7 +143,7 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
         panel += F * 16 * nv;
         d0 += nv;
       }
-      if (yr != nullptr) add_rows(ot, ldo, D, idx + i0, r, yp, seen, t0);
+      if (yr != nullptr) add_rows(ot, ldo, D, idx + i0, r, yp, seen, t0, false);
     }
   };
   // Piece j in the calling thread's buffers: added into y by its owner (seen given), or
@@ -175,7 +176,7 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
   };
   const auto out_floats = [&](const Piece& g) { return g.n * ldo; };
   const auto add = [&](const Owned& u, const Piece& g, const float* o, uint8_t* seen) {
-    add_rows(o, ldo, D, u.idx.data() + g.b, g.n, yp, seen, u.t0);
+    add_rows(o, ldo, D, u.idx.data() + g.b, g.n, yp, seen, u.t0, true);
   };
   const int64_t buf_floats = piece * (lda + ldo) + RT * std::max<int64_t>(32 * GV, ldo);
   return moekit::bank::run_owned(T, D, start, tp, wp, false, piece, buf_floats, yp, compute, out_floats, add);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit import settings
 from moekit.models import MoELM, get_preset
 from moekit.models.rope import RotaryEmbedding
 from moekit.ops import attention, ext
@@ -133,65 +134,80 @@ def test_kernel_rejects_bad_inputs():
         op(q.double(), k.double(), v.double(), empty, empty, empty, empty, o, lse, 1.0, 0, True)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mixtral-like"])
-def test_model_attention_same_with_and_without_kernel(preset, monkeypatch):
-    """A model's attention block: the kernel path against the RoPE + SDPA path (GQA in
-    mixtral-like), outputs and every parameter gradient."""
+def _attention_block(preset: str, kernel: bool):
+    """A one-layer model's attention block, built with the kernel allowed or not."""
     torch.manual_seed(0)
-    model = MoELM(get_preset(preset, 260).replace(n_layers=1))
-    attn = model.layers[0].attn
+    with settings.use(attention_kernel=kernel):
+        model = MoELM(get_preset(preset, 260).replace(n_layers=1))
+    return model.layers[0].attn, model
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mixtral-like"])
+def test_model_attention_same_with_and_without_kernel(preset):
+    """A model's attention block: the kernel path against the RoPE + SDPA path (GQA in
+    mixtral-like), outputs and every parameter gradient. Whether the kernel serves the
+    block is decided when it is built (settings.attention_kernel, the head dim)."""
+    on, model = _attention_block(preset, True)
+    off, _ = _attention_block(preset, False)
+    assert on.kernel and not off.kernel
+    off.load_state_dict(on.state_dict())
     x = torch.randn(2, 50, model.cfg.d_model)
     rope = model.rope(0, 50)
 
-    def run():
+    def run(attn):
         for p in attn.parameters():
             p.grad = None
         y = attn(x, rope)
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
         return y.detach(), [p.grad.clone() for p in attn.parameters()]
 
-    calls = []
-    fused = attention.attend_qkv
-    monkeypatch.setattr(attention, "attend_qkv", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    monkeypatch.setattr(attention, "ENABLED", True)
-    y1, g1 = run()
-    assert calls, "the kernel path did not run"
-    monkeypatch.setattr(attention, "ENABLED", False)
-    y0, g0 = run()
-    assert len(calls) == 1
+    y1, g1 = run(on)
+    y0, g0 = run(off)
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_wrapped_or_hooked_projections_keep_their_own_calls(monkeypatch):
-    """The fused q/k/v product stacks the three weights; a projection that is replaced
-    (e.g. by a LoRA wrapper) or hooked must still be called, so that path is skipped."""
-    torch.manual_seed(0)
-    model = MoELM(get_preset("tiny", 260).replace(n_layers=1))
-    attn = model.layers[0].attn
+def test_a_wrapped_or_hooked_projection_is_used_by_the_kernel_path():
+    """q, k, v come from one projection module, qkv_proj, on every path: an adapter that
+    replaces it (e.g. a LoRA wrapper) or a hook on it takes effect with the kernel too."""
+    on, model = _attention_block("tiny", True)
+    off, _ = _attention_block("tiny", False)
+    off.load_state_dict(on.state_dict())
     x = torch.randn(2, 20, model.cfg.d_model)
     rope = model.rope(0, 20)
-    calls = []
-    fused = attention.attend_qkv
-    monkeypatch.setattr(attention, "attend_qkv", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    base = attn(x, rope)
-    assert calls == [1]
+    base = on(x, rope)
 
-    class Shifted(torch.nn.Module):  # stands in for an adapter around q_proj
+    class Shifted(torch.nn.Module):  # stands in for an adapter around qkv_proj
         def __init__(self, inner):
             super().__init__()
-            self.inner, self.weight, self.bias = inner, inner.weight, None
+            self.inner = inner
 
         def forward(self, t):
-            return self.inner(t) + 1.0
+            return self.inner(t) + 0.5
 
-    attn.q_proj = Shifted(attn.q_proj)
-    shifted = attn(x, rope)
-    assert calls == [1] and not torch.allclose(shifted, base)
-    attn.q_proj = attn.q_proj.inner
+    on.qkv_proj, off.qkv_proj = Shifted(on.qkv_proj), Shifted(off.qkv_proj)
+    shifted = on(x, rope)
+    assert not torch.allclose(shifted, base)
+    torch.testing.assert_close(shifted, off(x, rope), atol=1e-5, rtol=1e-5)
+    on.qkv_proj = on.qkv_proj.inner
     seen = []
-    handle = attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    attn(x, rope)
+    handle = on.qkv_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    on(x, rope)
     handle.remove()
-    assert calls == [1] and seen == [(2, 20, attn.k_proj.out_features)]
+    assert seen == [(2, 20, on.qkv_proj.out_features)]
+
+
+def test_the_state_dict_keeps_the_three_projection_names():
+    """q_proj.weight, k_proj.weight, v_proj.weight as in HF checkpoints and earlier runs:
+    split on save, joined on load, values unchanged."""
+    attn, _ = _attention_block("mixtral-like", True)
+    sd = attn.state_dict()
+    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"} == set(sd)
+    H, G, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    assert sd["q_proj.weight"].shape[0] == H * d and sd["k_proj.weight"].shape[0] == G * d
+    assert torch.equal(torch.cat([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]]),
+                       attn.qkv_proj.weight)
+    other, _ = _attention_block("mixtral-like", False)
+    other.load_state_dict({k: v + 1 for k, v in sd.items()})
+    assert torch.equal(other.qkv_proj.weight, attn.qkv_proj.weight + 1)

@@ -1,22 +1,22 @@
 """The inference forward in rows on packed weights (ops/csrc/expert_bank_rows.cpp,
-moe/experts/packed.py): the packed layout, the kernel against the column kernel (the same
-bits) and the loop oracle (fp64), thread counts, pieces taken by another thread, bad
-input, and when a layer packs, uses and drops the copy."""
+moe/experts/cpu/packed.py): the packed layout, the kernel against the column kernel (the
+same bits) and the loop oracle (fp64), thread counts, pieces taken by another thread,
+bad input, and when a layer packs (prepare_for_inference), uses and drops the copy."""
 
 from __future__ import annotations
-
-import gc
 
 import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer
-from moekit.moe.experts import ACTIVATIONS, by_expert, loop, packed
+from moekit.inference import prepare_for_inference, restore
+from moekit.moe.experts import ACTIVATIONS, loop
+from moekit.moe.experts.cpu import packed
+from moekit.moe.experts.cpu.path import ROWS_MAX_D
 from moekit.moe.types import DispatchPlan
-from moekit.ops import ext, gemm
+from moekit.ops import ext
 
-pytestmark = pytest.mark.skipif(not (ext.available() and gemm.onednn_available() and by_expert._columns_built()),
-                                reason="needs the C++ kernels built with AVX-512")
+pytestmark = pytest.mark.skipif(not ext.caps().avx512, reason="needs the C++ kernels built with AVX-512")
 SWIGLU = ACTIVATIONS.get("swiglu")
 
 
@@ -162,63 +162,59 @@ def test_row_kernel_rejects_bad_input():
         fwd(x, tok, weights, counts, p_in, p_out, y[:5])
 
 
-def _layer():
-    cfg = MoEConfig(d_model=32, num_experts=16, top_k=4, d_ff=16, num_shared_experts=1)
+def _layer(d_model=32, d_ff=16):
+    cfg = MoEConfig(d_model=d_model, num_experts=16, top_k=4, d_ff=d_ff, num_shared_experts=1)
     torch.manual_seed(0)
-    return MoELayer(cfg), torch.randn(4, 50, 32)
+    return MoELayer(cfg), torch.randn(4, 50, d_model)
 
 
 @pytest.mark.parametrize("micro", [True, False])
-def test_a_layer_packs_for_unchanged_weights_only(monkeypatch, micro):
-    """The first inference forward on weights runs as it would without packing (in
-    columns for micro-kernel experts, else whole experts per thread); the next, on the
-    same weights unchanged, packs them and runs in rows (with the column kernel's bits).
-    A change in place (an optimizer step) sends the next forward back to the first path
-    on the new weights; a training forward drops the copy; MOEKIT_ROWS=0 (by_expert.ROWS)
-    never packs, nor does a model wider than ROWS_MAX_D."""
-    monkeypatch.setattr(gemm, "bank_micro_kernel", lambda d, n_in: micro)
-    first = "cols" if micro else "slots"
-    names = []
-    real_op = ext.op
-    monkeypatch.setattr(ext, "op", lambda name: names.append(name) or real_op(name))
-    layer, x = _layer()
-    w_in = layer.experts.w_in
+def test_a_layer_runs_in_rows_once_prepared(micro):
+    """Before prepare_for_inference an inference forward runs as it would without packing
+    (in columns for experts that fit the micro-kernel, else whole experts per thread);
+    after it, in rows on the packed copy (the column kernel's bits). A change of the
+    weights in place (an optimizer step) makes the copy stale: the next forward runs on
+    the weights as they lie and drops it. A training forward drops it too, and restore()."""
+    layer, x = _layer() if micro else _layer(512, 272)  # 2F x D floats: 1.1 MiB, past the micro-kernel
+    first = "columns" if micro else "whole"
 
     def infer():
-        names.clear()
         with torch.no_grad():
             y = layer(x).y
-        path = [n for n in ("expert_bank_fwd_rows", "expert_bank_fwd_cols", "expert_bank_fwd") if n in names]
-        return y, {"expert_bank_fwd_rows": "rows", "expert_bank_fwd_cols": "cols", "expert_bank_fwd": "slots"}[path[0]]
+        return y, layer.experts.cpu_state.last_path.kernel
 
-    def same(a, b):  # the slot path sums in another order: equal to rounding
+    def same(a, b):  # whole experts sum in another order: equal to rounding
         return torch.equal(a, b) if micro else torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
-    (y1, p1), (y2, p2), (y3, p3) = infer(), infer(), infer()
-    assert (p1, p2, p3) == (first, "rows", "rows")
+    y1, p1 = infer()
+    assert p1 == first
+    assert prepare_for_inference(layer).packed == ["experts"]
+    (y2, p2), (y3, p3) = infer(), infer()
+    assert (p2, p3) == ("rows", "rows")
     assert same(y1, y2) and torch.equal(y2, y3)
-    assert id(w_in) in packed._CACHE
     with torch.no_grad():
-        w_in.mul_(1.5)
-    (y4, p4), (y5, p5) = infer(), infer()
-    assert (p4, p5) == (first, "rows")
-    assert same(y4, y5) and not torch.allclose(y4, y1)
+        layer.experts.w_in.mul_(1.5)
+    y4, p4 = infer()
+    assert p4 == first and layer.experts.cpu_state.packed is None and not torch.allclose(y4, y1)
+    prepare_for_inference(layer)
+    assert infer()[1] == "rows"
     layer(x).y.sum().backward()  # a training forward
-    assert id(w_in) not in packed._CACHE
-    monkeypatch.setattr(by_expert, "ROWS_MAX_D", 16)
-    assert [infer()[1] for _ in range(3)] == [first] * 3
-    monkeypatch.setattr(by_expert, "ROWS_MAX_D", 32)
-    monkeypatch.setattr(by_expert, "ROWS", False)
-    assert [infer()[1] for _ in range(3)] == [first] * 3
+    assert layer.experts.cpu_state.packed is None
+    prepare_for_inference(layer)
+    restore(layer)
+    assert layer.experts.cpu_state.packed is None
 
 
-def test_the_packed_copy_goes_with_its_weights():
+def test_a_model_wider_than_rows_max_d_is_not_packed():
+    cfg = MoEConfig(d_model=ROWS_MAX_D + 16, num_experts=4, top_k=2, d_ff=16)
+    assert prepare_for_inference(MoELayer(cfg)).packed == []
+
+
+def test_a_packed_copy_matches_only_its_weights():
     w_in, w_out = torch.randn(4, 64, 32), torch.randn(4, 32, 32)
-    assert packed.packed(w_in, w_out) is None
-    p_in, p_out = packed.packed(w_in, w_out)
-    assert torch.equal(p_in, packed.pack_in(w_in)) and torch.equal(p_out, packed.pack_out(w_out))
-    assert packed.packed(w_in, w_out)[0] is p_in  # kept, not packed again
-    key = id(w_in)
-    del w_in, p_in, p_out
-    gc.collect()
-    assert key not in packed._CACHE
+    p = packed.pack(w_in, w_out)
+    assert torch.equal(p.p_in, packed.pack_in(w_in)) and torch.equal(p.p_out, packed.pack_out(w_out))
+    assert p.matches(w_in, w_out)
+    w_out.add_(1.0)
+    assert not p.matches(w_in, w_out)
+    assert not p.matches(w_in.clone(), w_out)

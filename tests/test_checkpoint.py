@@ -32,7 +32,7 @@ from moekit.training.run import model_config
 SETS = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=2",
         "model.dense_d_ff=64", "model.max_seq_len=32", "model.moe.num_experts=4", "model.moe.d_ff=32",
         "seq_len=16", "batch_size=4", "grad_accum=2", "save_every=5", "eval_every=20",
-        "log_every=1000", "sample_tokens=0", "keep_last=3", "warmup=5"]
+        "log_every=1000", "sample_tokens=0", "keep_last=3", "warmup=5", "tune=rules"]
 STEPS = 60
 CLI = [sys.executable, "-c", "from moekit.cli.main import app; app()"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from moekit import MoEConfig
 from moekit.moe.dispatch import DISPATCHERS
-from moekit.moe.experts import ACTIVATIONS, BACKENDS
+from moekit.moe.experts import ACTIVATIONS, EXPERTS_IMPLS
 from moekit.moe.router import ROUTERS
 
 NAN, INF = float("nan"), float("inf")
@@ -38,7 +38,7 @@ BAD = [
     (dict(router=["topk_softmax"]), "router", ["topk_softmax"]),
     (dict(dispatch="dropfull"), "dispatch", "dropfull"),
     (dict(expert="swish"), "expert", "swish"),
-    (dict(expert_backend="cuda"), "expert_backend", "cuda"),
+    (dict(experts_impl="cuda"), "experts_impl", "cuda"),
     (dict(softmax_order="middle"), "softmax_order", "middle"),
     (dict(drop_policy="random"), "drop_policy", "random"),
     (dict(aux_loss_coef=-0.1), "aux_loss_coef", -0.1),
@@ -85,7 +85,7 @@ def test_there_are_at_least_25_bad_cases():
 
 
 @pytest.mark.parametrize("field,registry", [("router", ROUTERS), ("dispatch", DISPATCHERS),
-                                            ("expert", ACTIVATIONS), ("expert_backend", BACKENDS)])
+                                            ("expert", ACTIVATIONS), ("experts_impl", EXPERTS_IMPLS)])
 def test_unknown_name_lists_the_valid_ones(field, registry):
     with pytest.raises(ValueError) as err:
         MoEConfig(**{field: "no_such_variant"})

@@ -419,7 +419,8 @@ def _trainer_losses(tmp: Path, ep: int) -> list[float]:
                              "dense_d_ff": 32, "moe": moe},
                       data={"path": str(text), "val_fraction": 0.1}, steps=4, batch_size=8,
                       seq_len=32, warmup=1, eval_every=4, eval_batches=1, log_every=100,
-                      save_every=4, sample_tokens=0, device="cpu", out_dir=str(tmp / f"run-ep{ep}"))
+                      save_every=4, sample_tokens=0, device="cpu", tune="rules",
+                      out_dir=str(tmp / f"run-ep{ep}"))
     train(cfg, ep=ep)
     if ep and int(os.environ["RANK"]) != 0:
         return []
@@ -444,6 +445,9 @@ if __name__ == "__main__":
     scenario, rank, world, tmp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     os.environ["MOEKIT_TEST_RANK"], os.environ["MOEKIT_TEST_WORLD"] = str(rank), str(world)
     torch.set_num_threads(1)
+    from moekit import settings
+
+    settings.set(tune="rules")  # every rank takes the same kernels, as the test process does
     _init(rank, world, tmp, scenario)
     result = globals()[f"scenario_{scenario}"](rank, world, tmp)
     (tmp / f"{scenario}-{rank}.json").write_text(json.dumps(result))

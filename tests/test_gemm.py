@@ -1,9 +1,10 @@
-"""ops/gemm.py (oneDNN or torch per product) and layers.linear against torch's kernel.
+"""ops/gemm.py (oneDNN, torch or the mat-vec kernel per product) and layers.linear against
+torch's kernel.
 
-The suite's tensors are small, below gemm.MIN_MACS, so under the default "auto" backend
-nearly every product here would stay on torch; these tests force "onednn" so the fast
-kernel really runs, in the GEMMs themselves, in Linear's backward, in the expert
-bank's chunked forward and backward, and in a whole model.
+The suite's tensors are small, below gemm.MIN_MACS, so under settings.gemm="auto" nearly
+every product here would stay on torch; these tests set gemm="onednn" so the fast kernel
+really runs, in the GEMMs themselves, in Linear's backward, in the chunk loop's forward
+and backward, and in a whole model. `gemm.kernel_for` says which kernel a product takes.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from moekit import MoEConfig, MoELayer
+from moekit import MoEConfig, MoELayer, settings
 from moekit.layers import Linear, linear
-from moekit.moe.experts import grouped
-from moekit.ops import ext, gemm
+from moekit.ops import ext, gemm, tune
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="torch built without oneDNN")
+needs_bf16 = pytest.mark.skipif(not gemm.onednn_bf16(), reason="oneDNN has no bf16 kernels on this CPU")
 F32 = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -35,7 +36,7 @@ def test_onednn_products_match_fp64(M, N, K):
     w = torch.randn(N, K, generator=g)
     b = torch.randn(N, generator=g)
     c = torch.randn(N, K, generator=g)
-    with gemm.backend("onednn"):
+    with settings.use(gemm="onednn"):
         _close64(gemm.linear(a, w), a.double() @ w.double().T)
         _close64(gemm.linear(a, w, b), a.double() @ w.double().T + b.double())
         _close64(gemm.mm(a, w.t()), a.double() @ w.double().T)  # transposed operand
@@ -55,7 +56,7 @@ def test_onednn_strided_operands():
     h = torch.randn(50, 2 * 24, generator=g)
     w = torch.randn(24, 31, generator=g)
     x = torch.randn(50, 31, generator=g)
-    with gemm.backend("onednn"):
+    with settings.use(gemm="onednn"):
         _close64(gemm.mm(h[:, 24:], w), h[:, 24:].double() @ w.double())
         _close64(gemm.mm(h[:, :24].t(), x), h[:, :24].double().T @ x.double())
 
@@ -81,55 +82,83 @@ def test_row_major_leaves_other_layouts_alone():
     assert gemm._row_major(col) is col
 
 
-@needs_onednn
+@needs_bf16
 def test_onednn_bfloat16_is_close():
     g = torch.Generator().manual_seed(0)
     a, w = torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g)
-    with gemm.backend("onednn"):
+    with settings.use(gemm="onednn"):
         y = gemm.linear(a.bfloat16(), w.bfloat16())
     assert y.dtype == torch.bfloat16
     _close64(y, a.bfloat16().double() @ w.bfloat16().double().T, tol=1e-2)
 
 
-class _Spy:
-    """Stands in for the oneDNN op: records that it ran, computes with torch."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, a, w, b, *rest):
-        self.calls += 1
-        return nn.functional.linear(a, w, b)
-
-
-@pytest.mark.parametrize("backend,shape,dtype,grad,expect", [
-    ("auto", (1024, 1024, 1), torch.float32, False, True),     # 1M multiply-adds
-    ("auto", (8, 64, 64), torch.float32, False, False),        # small: torch's call is quicker
-    ("onednn", (8, 64, 64), torch.float32, False, True),
-    ("torch", (1024, 1024, 1), torch.float32, False, False),
-    ("onednn", (8, 64, 64), torch.float64, False, False),      # oneDNN has no fp64
-    ("onednn", (8, 64, 64), torch.float32, True, False),       # autograd would need its formula
-    ("onednn", (0, 64, 64), torch.float32, False, False),      # empty
+@pytest.mark.parametrize("mode,shape,dtype,grad,expect", [
+    ("auto", (1024, 1024, 1), torch.float32, False, "onednn"),  # 1M multiply-adds: oneDNN first by rule
+    ("auto", (8, 64, 64), torch.float32, False, "torch"),        # small: torch's call is quicker
+    ("auto", (2, 512, 256), torch.float32, False, "rowmv"),      # decode rows: the mat-vec kernel
+    ("onednn", (8, 64, 64), torch.float32, False, "onednn"),
+    ("torch", (1024, 1024, 1), torch.float32, False, "torch"),
+    ("onednn", (8, 64, 64), torch.float64, False, "torch"),      # oneDNN has no fp64
+    ("onednn", (8, 64, 64), torch.float32, True, "torch"),       # autograd would need its formula
+    ("onednn", (0, 64, 64), torch.float32, False, "torch"),      # empty
 ])
-def test_dispatch_rule(monkeypatch, backend, shape, dtype, grad, expect):
-    spy = _Spy()
-    monkeypatch.setattr(gemm, "_ONEDNN_LINEAR", spy)
+def test_kernel_rule(mode, shape, dtype, grad, expect):
+    if not gemm.onednn_available() or (expect == "rowmv" and not ext.available()):
+        pytest.skip("needs oneDNN (and the kernels for rowmv)")
     M, K, N = shape
     a = torch.randn(M, K, dtype=dtype, requires_grad=grad)
     w = torch.randn(N, K, dtype=dtype)
-    with gemm.backend(backend):
+    with settings.use(gemm=mode):
+        assert gemm.kernel_for(a, w) == expect
         y = gemm.linear(a, w)
-    assert (spy.calls == 1) is expect
-    torch.testing.assert_close(y, nn.functional.linear(a, w))
+    if M:
+        _close64(y.detach(), a.detach().double() @ w.double().T)
+    assert y.shape == (M, N)
 
 
-def test_backend_names_are_checked(monkeypatch):
-    with pytest.raises(ValueError, match="gemm backend='mkl'.*auto, onednn, torch"):
-        gemm.set_backend("mkl")
-    assert gemm.get_backend() == "auto"
-    with gemm.backend("torch"):
-        assert gemm.get_backend() == "torch"
-    assert gemm.get_backend() == "auto"
+def test_bf16_without_onednn_kernels_stays_on_torch():
+    """On CPUs without oneDNN's bf16 kernels (AVX2 only), bf16 products never reach oneDNN,
+    which would refuse them; torch computes them."""
+    a, w = torch.randn(64, 128).bfloat16(), torch.randn(32, 128).bfloat16()
+    with settings.use(gemm="onednn"):
+        assert gemm.kernel_for(a, w) == ("onednn" if gemm.onednn_bf16() else "torch")
+        y = gemm.linear(a, w)
+    _close64(y, a.double() @ w.double().T, tol=1e-2)
+
+
+def test_settings_names_are_checked():
+    with pytest.raises(ValueError, match="gemm='mkl' is not one of auto, onednn, torch"):
+        settings.use(gemm="mkl").__enter__()
+    assert settings.get().gemm == "auto"
+    with settings.use(gemm="torch"):
+        assert settings.get().gemm == "torch"
+    assert settings.get().gemm == "auto"
+
+
+@needs_onednn
+def test_measured_choices_are_timed_once_and_kept(tmp_path):
+    """settings.tune="measure": the candidates are timed on the first product of a shape
+    class, the winner is written to the machine's file and reused (no second timing);
+    a fresh process (a cleared memory) reads it back."""
+    made = []
+
+    def candidate(name):
+        def make():
+            made.append(name)
+            return lambda: None
+        return make
+
+    with settings.use(tune="measure", cache_dir=str(tmp_path)):
+        first = tune.pick("test shape", {"a": candidate("a"), "b": candidate("b")})
+        again = tune.pick("test shape", {"a": candidate("a"), "b": candidate("b")})
+        assert first == again and sorted(made) == ["a", "b"]
+        assert tune.cache_file().exists() and "test shape" in tune.cache_file().read_text()
+        tune.forget()
+        assert tune.pick("test shape", {"a": candidate("a"), "b": candidate("b")}) == first
+        assert sorted(made) == ["a", "b"]
+    with settings.use(tune="rules"):
+        assert tune.pick("other", {"b": candidate("b"), "a": candidate("a")}) == "b"
+    assert sorted(made) == ["a", "b"]
 
 
 @needs_onednn
@@ -139,7 +168,7 @@ def test_linear_outputs_and_grads_match_torch(bias):
     x = torch.randn(3, 20, 48, generator=g, requires_grad=True)
     lin = Linear(48, 40, bias=bias)
     dy = torch.randn(3, 20, 40, generator=g)
-    with gemm.backend("onednn"):
+    with settings.use(gemm="onednn"):
         y = lin(x)
         got = torch.autograd.grad(y, [x, *lin.parameters()], dy)
     ref_y = nn.functional.linear(x, lin.weight, lin.bias)
@@ -160,22 +189,21 @@ def test_linear_gradcheck_and_state_dict():
 @needs_onednn
 @pytest.mark.parametrize("expert", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_expert_bank_on_onednn_matches_loop_oracle(monkeypatch, expert, dispatch):
-    """The grouped backend with every product on oneDNN (and rows split over several
-    chunks, so weight gradients accumulate) against the loop oracle on torch's kernel."""
-    monkeypatch.setattr(grouped, "MIN_ROWS", 1)
-    monkeypatch.setattr(grouped, "CHUNK_BYTES", 9 * 4 * 48)  # 9 rows of width 48 in fp32
+def test_expert_bank_on_onednn_matches_loop_oracle(expert, dispatch):
+    """The chunk loop with every product on oneDNN (and rows split over several chunks, so
+    weight gradients accumulate) against the loop oracle on torch's kernel."""
     base = dict(d_model=24, num_experts=6, top_k=2, d_ff=20, expert=expert, dispatch=dispatch,
                 capacity_factor=1.0, num_shared_experts=1, shared_d_ff=12, init_std=0.3)
     torch.manual_seed(0)
-    fast = MoELayer(MoEConfig(**base, expert_backend="grouped"))
-    oracle = MoELayer(MoEConfig(**base, expert_backend="loop"))
+    fast = MoELayer(MoEConfig(**base))
+    oracle = MoELayer(MoEConfig(**base, experts_impl="loop"))
     oracle.load_state_dict(fast.state_dict())
     x = torch.randn(4, 15, 24)
     results = []
-    for layer, gemm_backend in ((fast, "onednn"), (oracle, "torch")):
+    path = {"kernel": "chunked", "products": "onednn", "pad": 32, "chunk_rows": 9}
+    for layer, gemm_mode in ((fast, "onednn"), (oracle, "torch")):
         xg = x.clone().requires_grad_()
-        with gemm.backend(gemm_backend):
+        with settings.use(gemm=gemm_mode, cpu_path=path):
             y = layer(xg).y
             (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append([y, xg.grad] + [p.grad for p in layer.parameters()])
@@ -193,7 +221,7 @@ def test_lm_logits_and_grads_same_on_both_kernels():
     outs = []
     for name in ("onednn", "torch"):
         model.zero_grad(set_to_none=True)
-        with gemm.backend(name):
+        with settings.use(gemm=name):
             out = model(ids, targets_BS=ids)
             out.loss.backward()
         outs.append([out.logits] + [p.grad for p in model.parameters() if p.grad is not None])

@@ -8,20 +8,23 @@ import gc
 import pytest
 import torch
 
-from moekit import MoEConfig, MoELayer
+from moekit import MoEConfig, MoELayer, settings
 from moekit.ops import grad_pool
+
+D = 256
+# experts big enough to be pooled: w_in (8, 2048, 256) 16 MiB, w_out (8, 256, 1024) 8 MiB
+CFG = MoEConfig(d_model=D, num_experts=8, top_k=2, d_ff=1024, init_std=0.05)
 
 
 @pytest.fixture
-def layer(monkeypatch):
-    monkeypatch.setattr(grad_pool, "MIN_BYTES", 0)  # pool the small test layer's weights too
-    monkeypatch.delenv("MOEKIT_GRAD_POOL", raising=False)
+def layer():
+    assert CFG.num_experts * CFG.d_ff * D * 4 >= grad_pool.MIN_BYTES
     torch.manual_seed(0)
-    return MoELayer(MoEConfig(d_model=16, num_experts=4, top_k=2, d_ff=8, init_std=0.3))
+    return MoELayer(CFG)
 
 
 def _step(layer, seed):
-    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(seed))
     layer(x).y.pow(2).sum().backward()
 
 
@@ -30,8 +33,7 @@ def _fresh_grads(layer, seed):
     saved = {n: p.grad for n, p in layer.named_parameters()}
     for p in layer.parameters():
         p.grad = None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOEKIT_GRAD_POOL", "0")
+    with settings.use(grad_pool=False):
         _step(layer, seed)
     ref = {n: p.grad for n, p in layer.named_parameters()}
     for n, p in layer.named_parameters():
@@ -71,7 +73,7 @@ def test_accumulation_without_zeroing_adds(layer):
 
 
 def test_autograd_grad_results_stay_valid(layer):
-    x = torch.randn(40, 16)
+    x = torch.randn(40, D)
     params = [layer.experts.w_in, layer.experts.w_out]
     g1 = torch.autograd.grad(layer(x).y.pow(2).sum(), params)
     g1_values = [g.clone() for g in g1]
@@ -81,16 +83,15 @@ def test_autograd_grad_results_stay_valid(layer):
         assert a.data_ptr() != c.data_ptr()
 
 
-def test_pool_off_and_release(layer, monkeypatch):
+def test_pool_off_and_release(layer):
     w = layer.experts.w_in
     _step(layer, 0)
     first = w.grad.data_ptr()
     w.grad = None
-    monkeypatch.setenv("MOEKIT_GRAD_POOL", "0")
     first_buf = grad_pool._pool.get(w)
-    _step(layer, 1)
+    with settings.use(grad_pool=False):
+        _step(layer, 1)
     assert grad_pool._pool.get(w) is first_buf  # off: the pool is neither read nor written
-    monkeypatch.setenv("MOEKIT_GRAD_POOL", "1")
     assert first_buf.data_ptr() == first
     grad_pool.release()
     assert len(grad_pool._pool) == 0
@@ -98,10 +99,9 @@ def test_pool_off_and_release(layer, monkeypatch):
     assert len(grad_pool._pool) > 0
 
 
-def test_entries_go_with_their_parameters(monkeypatch):
-    monkeypatch.setattr(grad_pool, "MIN_BYTES", 0)
+def test_entries_go_with_their_parameters():
     grad_pool.release()
-    layer = MoELayer(MoEConfig(d_model=16, num_experts=4, top_k=2, d_ff=8))
+    layer = MoELayer(CFG)
     _step(layer, 0)
     assert len(grad_pool._pool) == 2  # w_in and w_out
     del layer

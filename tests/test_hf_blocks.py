@@ -64,20 +64,20 @@ def assert_block_equal(layer: MoELayer, block: torch.nn.Module, x: torch.Tensor)
     torch.testing.assert_close(y, y_hf, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("backend", ["auto", "loop"])
 def test_mixtral_block_parity(backend):
     hf_cfg, block = mixtral()
-    cfg = moe_config_from_mixtral(hf_cfg, expert_backend=backend)
+    cfg = moe_config_from_mixtral(hf_cfg, experts_impl=backend)
     assert (cfg.num_experts, cfg.top_k, cfg.d_ff, cfg.normalize_topk, cfg.expert) == (E, K, F, True, "swiglu")
     layer = load_mixtral_block(MoELayer(cfg), block)
     assert_block_equal(layer, block, x_BSD())
 
 
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("backend", ["auto", "loop"])
 def test_qwen2_moe_block_parity(norm_topk_prob, backend):
     hf_cfg, block = qwen2(norm_topk_prob=norm_topk_prob)
-    cfg = moe_config_from_qwen2_moe(hf_cfg, expert_backend=backend)
+    cfg = moe_config_from_qwen2_moe(hf_cfg, experts_impl=backend)
     assert cfg.normalize_topk is norm_topk_prob
     assert (cfg.num_shared_experts, cfg.shared_d_ff, cfg.shared_gate) == (1, FS, True)
     layer = load_qwen2_moe_block(MoELayer(cfg), block)

@@ -1,30 +1,20 @@
-"""The C++ top-k and SwiGLU kernels (ops/topk.py, ops/swiglu.py) against their torch
-references, and the expert bank with the fused SwiGLU against the same bank on torch's
-ops. (The decode mat-vec kernel is tested in test_decode.py.)"""
+"""The C++ top-k, SwiGLU and row kernels (ops/topk.py, ops/swiglu.py, ops/rows.py) against
+their torch references, and the chunk loop with the kernels against the same loop on
+torch's ops. (The decode mat-vec kernel is tested in test_decode.py.)"""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
 
-from moekit import MoEConfig, MoELayer
-from moekit.moe.experts import by_expert, grouped
+from moekit import MoEConfig, MoELayer, settings
 from moekit.moe.router import base as router_base
 from moekit.ops import ext, rows, swiglu, topk
 
-needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-pytestmark = needs_kernel
+pytestmark = pytest.mark.skipif(not ext.available(), reason="needs the C++ kernels")
 
 
-@pytest.fixture
-def small_topk(monkeypatch):
-    """The top-k kernel on every row count (it normally leaves fewer than MIN_ROWS rows to torch)."""
-    monkeypatch.setattr(topk, "MIN_ROWS", 1)
-
-
-def test_kernels_build_where_a_compiler_exists():
+def test_kernels_are_built():
     """Otherwise the tests below would check the references against themselves."""
     assert ext.available()
     assert topk.applies(torch.zeros(topk.MIN_ROWS, 8), 2) and swiglu.applies(torch.zeros(2, 4))
@@ -48,10 +38,12 @@ def _scores(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["random", "ties", "nan", "inf"])
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (37, 8, 1), (64, 64, 8), (33, 128, 4), (5, 16, 16), (17, 3, 3), (20, 2, 1),
                                    (50, 300, 16)])
-def test_topk_kernel_matches_stable_sort(small_topk, kind, T, E, k):
+def test_topk_kernel_matches_stable_sort(kind, T, E, k):
+    """Every row count (min_rows=1: the kernel normally leaves fewer than MIN_ROWS rows to torch)."""
     g = torch.Generator().manual_seed(T * E + k)
     x = _scores(kind, T, E, g)
-    got = topk.topk_ids(x, k)
+    assert topk.applies(x, k, min_rows=1)
+    got = topk.topk_ids(x, k, min_rows=1)
     assert got.dtype == torch.int64 and got.shape == (T, k)
     assert torch.equal(got, topk.reference(x, k))
 
@@ -66,13 +58,14 @@ def test_topk_outside_the_kernel_is_torch_topk():
         assert torch.equal(topk.topk_ids(x, k), torch.topk(x, k, dim=-1).indices)
 
 
-def test_routers_use_the_kernel(monkeypatch):
-    calls = []
-    real = topk.topk_ids
-    monkeypatch.setattr(topk, "topk_ids", lambda s, k: calls.append(k) or real(s, k))
+def test_routers_use_the_kernel():
+    """The routers' top-k goes through ops.topk, which takes the kernel at this size: the
+    router's ids are the kernel's ids on the router's logits (ties to the lower id)."""
     layer = MoELayer(MoEConfig(d_model=16, num_experts=8, top_k=3, d_ff=8))
-    layer(torch.randn(topk.MIN_ROWS, 16))
-    assert calls == [3] and router_base.topk is topk
+    x = torch.randn(topk.MIN_ROWS, 16)
+    routing = layer.router(x)
+    assert router_base.topk is topk and topk.applies(routing.logits_TE, 3)
+    assert torch.equal(routing.expert_ids_TK, topk.reference(routing.logits_TE, 3))
 
 
 def _swiglu_case(m: int, n: int, F: int, seed: int, strided: bool):
@@ -128,10 +121,10 @@ def test_swiglu_reference_runs_without_the_build(monkeypatch):
 
 
 @pytest.mark.parametrize("shared", [0, 1])
-def test_fused_swiglu_bank_equals_torch_ops_bank(monkeypatch, shared):
-    """The whole layer, fp32, padded path included (T big enough for 32-row experts):
-    outputs and every gradient with the kernel equal those on torch's ops."""
-    monkeypatch.setattr(by_expert, "ENABLED", False)  # the chunk loop's SwiGLU kernel is under test
+def test_chunk_loop_with_kernels_equals_it_on_torch_ops(shared):
+    """The whole layer through the chunk loop, fp32, padded products included (T big
+    enough for 32-row experts): outputs and every gradient with the SwiGLU and row kernels
+    equal those with the kernels off (torch's ops)."""
     cfg = MoEConfig(d_model=40, num_experts=4, top_k=2, d_ff=24, num_shared_experts=shared, init_std=0.3)
     torch.manual_seed(0)
     layer = MoELayer(cfg)
@@ -145,13 +138,13 @@ def test_fused_swiglu_bank_equals_torch_ops_bank(monkeypatch, shared):
         y.pow(2).sum().backward()
         return [y.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()]
 
-    calls = []
-    real = grouped._fused_swiglu
-    monkeypatch.setattr(grouped, "_fused_swiglu", lambda *a: calls.append(real(*a)) or calls[-1])
-    fused = run()
-    assert calls and all(calls)  # the kernel ran, forward and backward
-    monkeypatch.setattr(grouped, "_fused_swiglu", lambda *a: False)
-    plain = run()
+    path = {"kernel": "chunked", "products": "torch", "chunk_rows": 64}
+    with settings.use(cpu_path=path):
+        assert swiglu.applies(torch.zeros(2, 4))
+        fused = run()
+    with settings.use(kernels="off", cpu_path=path):
+        assert not swiglu.applies(torch.zeros(2, 4))
+        plain = run()
     for a, b in zip(fused, plain, strict=True):
         # fp32 sums in another order (router gradient: 300 tokens with cancellation):
         # relative to the tensor's scale
@@ -192,18 +185,17 @@ def test_sum_slots_matches_its_reference(T, K, D):
         ext.op("sum_slots")(torch.zeros(5, 3), 2)
 
 
-def test_slot_buffer_is_reused_only_when_free(monkeypatch):
-    monkeypatch.setattr(rows, "MIN_POOLED_BYTES", 0)
-    monkeypatch.setattr(rows, "_pooled", {})
+def test_slot_buffer_is_reused_only_when_free():
+    rows.release()
     like = torch.zeros(1)
-    a = rows.slot_buffer(10, 4, like, zero=False)
+    a = rows.slot_buffer(10, 4, like, zero=False, min_pooled_bytes=0)
     held = a.data_ptr()
-    b = rows.slot_buffer(10, 4, like, zero=True)  # a is still alive: a new buffer
+    b = rows.slot_buffer(10, 4, like, zero=True, min_pooled_bytes=0)  # a is still alive: a new buffer
     assert b.data_ptr() != held and b.abs().sum() == 0
     del a, b
-    c = rows.slot_buffer(6, 4, like, zero=True)  # free again: reused, and zeroed when asked
+    c = rows.slot_buffer(6, 4, like, zero=True, min_pooled_bytes=0)  # free again: reused, zeroed when asked
     assert c.shape == (6, 4) and c.abs().sum() == 0
     c.fill_(1.0)
     del c
-    d = rows.slot_buffer(20, 4, like, zero=False)  # bigger than the pooled one: a new one
+    d = rows.slot_buffer(20, 4, like, zero=False, min_pooled_bytes=0)  # bigger than the pooled one: a new one
     assert d.shape == (20, 4)

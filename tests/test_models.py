@@ -133,9 +133,10 @@ def reference_attention(attn, x_BSD, theta):
     per group, explicit causal softmax. fp64."""
     B, S, _ = x_BSD.shape
     H, G, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q = (x_BSD @ attn.q_proj.weight.t()).view(B, S, H, d)
-    k = (x_BSD @ attn.k_proj.weight.t()).view(B, S, G, d)
-    v = (x_BSD @ attn.v_proj.weight.t()).view(B, S, G, d)
+    w = attn.state_dict()  # q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight
+    q = (x_BSD @ w["q_proj.weight"].t()).view(B, S, H, d)
+    k = (x_BSD @ w["k_proj.weight"].t()).view(B, S, G, d)
+    v = (x_BSD @ w["v_proj.weight"].t()).view(B, S, G, d)
     freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     rot = torch.polar(torch.ones(S, d // 2, dtype=torch.float64),
                       torch.arange(S, dtype=torch.float64)[:, None] * freq)  # (S, d/2)
@@ -150,7 +151,7 @@ def reference_attention(attn, x_BSD, theta):
     future = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)
     p = scores.masked_fill(future, float("-inf")).softmax(-1)
     y = torch.einsum("bhst,bthd->bshd", p, v).reshape(B, S, H * d)
-    return y @ attn.o_proj.weight.t()
+    return y @ w["o_proj.weight"].t()
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
@@ -171,7 +172,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
         if key.endswith(("k_proj.weight", "v_proj.weight")):  # (G·d, D) -> (H·d, D)
             sd[key] = sd[key].view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
     mha.load_state_dict(sd)
-    assert gqa.layers[0].attn.k_proj.weight.shape == (16, 32)
+    assert gqa.layers[0].attn.state_dict()["k_proj.weight"].shape == (16, 32)
     ids = torch.randint(0, 64, (2, 10))
     torch.testing.assert_close(gqa(ids).logits, mha(ids).logits, rtol=1e-5, atol=1e-5)
 

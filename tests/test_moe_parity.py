@@ -1,9 +1,10 @@
 """Every fast path against its slow oracle.
 
-- every router x dispatch x expert kind x fast backend against the loop backend
-  (outputs and gradients of the input, router, expert and shared-expert weights), fp64
-  and fp32, train and eval; parametrized over the registries so a new variant is
-  covered without editing this file;
+- every router x dispatch x expert kind x experts implementation x device against the
+  loop oracle (outputs and gradients of the input, router, expert and shared-expert
+  weights), train and eval, in each dtype the implementation takes: the CPU wing in fp64
+  (exact) and fp32, grouped_mm in fp32 and bf16 (it has no fp64); parametrized over the
+  registries so a new variant is covered without editing this file;
 - one expert with top-1 equals the dense FFN with the same weights (megablocks' test);
 - torch.autograd.gradcheck of small fp64 layers, dropless and capacity paths.
 """
@@ -12,15 +13,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch.func import functional_call
 
 from moekit import MoEConfig, MoELayer
+from moekit.inference import prepare_for_inference
 from moekit.moe.dispatch import DISPATCHERS
-from moekit.moe.experts import ACTIVATIONS, BACKENDS, DenseFFN
+from moekit.moe.experts import ACTIVATIONS, EXPERTS_IMPLS, DenseFFN
 from moekit.moe.router import ROUTERS
 
-FAST_BACKENDS = [b for b in BACKENDS.names() if b != "loop"]
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+FAST_IMPLS = [i for i in EXPERTS_IMPLS.names() if i != "loop"]
+DTYPES = {"cpu": [torch.float64, torch.float32], "grouped_mm": [torch.float32, torch.bfloat16]}
+# bf16 keeps 8 significant bits: the two sides round their products and sums in
+# different orders, so they differ by a few bf16 ulps of values of order 1
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5),
+       torch.bfloat16: dict(atol=6e-2, rtol=5e-2)}
+IMPL_CASES = [(impl, dt, dev) for impl in FAST_IMPLS for dt in DTYPES[impl] for dev in DEVICES
+              if not (impl == "cpu" and dev != "cpu")]
 
 
 def build_config(router: str, dispatch: str, expert: str, **kw) -> MoEConfig:
@@ -38,11 +47,11 @@ def build_config(router: str, dispatch: str, expert: str, **kw) -> MoEConfig:
         pytest.skip(f"router {router!r} rejects this combination: {e}")
 
 
-def layer_inputs(layer: MoELayer, shape, dtype, seed: int = 1):
+def layer_inputs(layer: MoELayer, shape, dtype, seed: int = 1, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, layer.cfg.d_model, generator=g, dtype=torch.float64).to(dtype)
     token_ids = torch.randint(0, 50, tuple(shape), generator=g)
-    return x.requires_grad_(), token_ids
+    return x.to(device).requires_grad_(), token_ids.to(device)
 
 
 def run(layer: MoELayer, x: torch.Tensor, token_ids: torch.Tensor, rng_seed: int = 1234):
@@ -51,17 +60,20 @@ def run(layer: MoELayer, x: torch.Tensor, token_ids: torch.Tensor, rng_seed: int
     x = x.detach().requires_grad_()
     torch.manual_seed(rng_seed)  # noisy / random-second / jitter routers draw the same noise
     out = layer(x, token_ids=token_ids)
-    probe = torch.linspace(-1.0, 1.0, out.y.numel(), dtype=out.y.dtype).view_as(out.y)
+    probe = torch.linspace(-1.0, 1.0, out.y.numel(), dtype=out.y.dtype, device=out.y.device).view_as(out.y)
     (out.y * probe).sum().backward()
     grads = {"x": x.grad}
     grads.update({n: p.grad for n, p in layer.named_parameters()})
     return out, grads
 
 
-def twin_layers(cfg: MoEConfig, backend: str, dtype, train: bool):
-    fast = MoELayer(cfg.replace(expert_backend=backend)).to(dtype).train(train)
-    ref = MoELayer(cfg.replace(expert_backend="loop")).to(dtype).train(train)
+def twin_layers(cfg: MoEConfig, impl: str, dtype, train: bool, device: str = "cpu"):
+    if impl == "grouped_mm":  # rows of whole 16 bytes (bank.py: grouped_mm_aligned)
+        cfg = cfg.replace(d_ff=8)
+    fast = MoELayer(cfg.replace(experts_impl=impl)).to(device, dtype).train(train)
+    ref = MoELayer(cfg.replace(experts_impl="loop")).to(device, dtype).train(train)
     ref.load_state_dict(fast.state_dict())
+    assert fast.experts.impl == impl
     return fast, ref
 
 
@@ -76,15 +88,14 @@ def assert_same(out_a, grads_a, out_b, grads_b, dtype):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("impl,dtype,device", IMPL_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("expert", ACTIVATIONS.names())
 @pytest.mark.parametrize("dispatch", DISPATCHERS.names())
 @pytest.mark.parametrize("router", ROUTERS.names())
-def test_backend_matches_loop_oracle(router, dispatch, expert, backend, dtype, train):
+def test_impl_matches_loop_oracle(router, dispatch, expert, impl, dtype, device, train):
     cfg = build_config(router, dispatch, expert, jitter_eps=0.1 if router == "topk_softmax" else 0.0)
-    fast, ref = twin_layers(cfg, backend, dtype, train)
-    x, token_ids = layer_inputs(fast, (2, 5), dtype)
+    fast, ref = twin_layers(cfg, impl, dtype, train, device)
+    x, token_ids = layer_inputs(fast, (2, 5), dtype, device=device)
     out_f, g_f = run(fast, x, token_ids)
     out_r, g_r = run(ref, x, token_ids)
     assert torch.isfinite(out_f.y).all()
@@ -100,10 +111,12 @@ def test_backend_matches_loop_oracle(router, dispatch, expert, backend, dtype, t
 @pytest.mark.parametrize("dispatch", DISPATCHERS.names())
 @pytest.mark.parametrize("router", ROUTERS.names())
 def test_decode_step_matches_loop_oracle(router, dispatch, T):
-    """A no-grad fp32 step of a few tokens, which for SwiGLU runs the fused decode kernel
-    (moe/experts/decode.py: fused_step) where the plan allows, against the loop oracle."""
+    """A no-grad fp32 step of a few tokens of a layer prepared for inference, which for
+    SwiGLU runs a fused decode kernel (inference/fused_decode.py) where the layer allows,
+    against the loop oracle."""
     cfg = build_config(router, dispatch, "swiglu")
-    fast, ref = twin_layers(cfg, "grouped", torch.float32, train=False)
+    fast, ref = twin_layers(cfg, "cpu", torch.float32, train=False)
+    prepare_for_inference(fast)
     x, token_ids = layer_inputs(fast, (1, T), torch.float32, seed=T)
     with torch.no_grad():
         y = fast(x, token_ids=token_ids).y
@@ -137,12 +150,12 @@ def test_stochastic_routers_do_draw_noise_in_training(router):
     assert not torch.equal(r1.weights_TK, r2.weights_TK)
 
 
-@pytest.mark.parametrize("backend", BACKENDS.names())
+@pytest.mark.parametrize("impl", ["cpu", "loop"])
 @pytest.mark.parametrize("dispatch", DISPATCHERS.names())
 @pytest.mark.parametrize("expert", ACTIVATIONS.names())
-def test_one_expert_top1_is_the_dense_ffn(expert, dispatch, backend):
+def test_one_expert_top1_is_the_dense_ffn(expert, dispatch, impl):
     cfg = MoEConfig(d_model=8, num_experts=1, top_k=1, d_ff=6, expert=expert, dispatch=dispatch,
-                    expert_backend=backend, capacity_factor=1.0, init_std=0.5)
+                    experts_impl=impl, capacity_factor=1.0, init_std=0.5)
     layer = MoELayer(cfg).double()
     dense = DenseFFN(8, 6, expert).double()
     with torch.no_grad():
@@ -192,11 +205,11 @@ def test_gradcheck_capacity_slow_mode_default_router():
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS.names())
-def test_backward_twice_with_retain_graph(backend):
+@pytest.mark.parametrize("impl", ["cpu", "loop"])
+def test_backward_twice_with_retain_graph(impl):
     """The fused Function keeps what backward needs in saved tensors, so a retained graph
     can be differentiated again (gradcheck and double backward through a loss need it)."""
-    cfg = build_config("topk_softmax", "dropless", "swiglu", expert_backend=backend)
+    cfg = build_config("topk_softmax", "dropless", "swiglu", experts_impl=impl)
     layer = MoELayer(cfg).double()
     x, _ = layer_inputs(layer, (2, 5), torch.float64)
     y = layer(x).y

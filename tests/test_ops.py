@@ -52,14 +52,11 @@ def test_sort_slots_by_expert_hand_case():
 
 
 @pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (9, 2, 4), (16, 3, 5), (40, 4, 7)])
-def test_sort_slots_by_expert_host_path_equals_tensor_path(T, K, E, monkeypatch):
+def test_sort_slots_by_expert_host_path_equals_tensor_path(T, K, E):
     """Decode-sized inputs are sorted in Python (ops/sort.py HOST_MAX_SLOTS): same result."""
     ids = torch.randint(-1, E, (T, K), generator=torch.Generator().manual_seed(T * K + E))
-    host = sort_slots_by_expert(ids, E) if T * K <= sort_ops.HOST_MAX_SLOTS else None
-    monkeypatch.setattr(sort_ops, "HOST_MAX_SLOTS", -1)
-    tensor = sort_slots_by_expert(ids, E)
-    monkeypatch.setattr(sort_ops, "HOST_MAX_SLOTS", 10**9)
-    host = sort_slots_by_expert(ids, E) if host is None else host
+    tensor = sort_slots_by_expert(ids, E, host_max_slots=-1)
+    host = sort_slots_by_expert(ids, E, host_max_slots=10**9)
     for a, b in zip(host, tensor, strict=True):
         assert a.dtype == b.dtype == torch.int64 and a.tolist() == b.tolist()
 

@@ -52,7 +52,7 @@ def test_expert_choice_never_more_than_capacity(seed):
     k = int(torch.randint(1, E + 1, (1,), generator=g))
     cf = float(torch.empty(()).uniform_(0.1, 3.0, generator=g))
     layer = MoELayer(MoEConfig(d_model=8, num_experts=E, top_k=k, d_ff=4, router="expert_choice",
-                               capacity_factor=cf, expert_backend="loop"))
+                               capacity_factor=cf, experts_impl="loop"))
     x = torch.randn(T, 8, generator=g)
     routing = layer.router(x)
     C = min(T, math.ceil(cf * T * k / E))
@@ -148,7 +148,7 @@ def test_hash_table_is_balanced_over_vocab():
 
 def test_soft_is_the_dense_softmax_mixture():
     torch.manual_seed(0)
-    layer = MoELayer(small(router="soft", expert_backend="loop")).double()
+    layer = MoELayer(small(router="soft", experts_impl="loop")).double()
     x = torch.randn(5, 16, dtype=torch.float64)
     out = layer(x)
     p = torch.softmax(x @ layer.router.weight.t(), -1)

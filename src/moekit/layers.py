@@ -5,8 +5,8 @@ dx = dy w, dw = dyᵀ x) all go through ops.gemm, so on CPU they run on oneDNN w
 that is faster than torch's MKL call (see ops/gemm.py for the measurements).
 `Linear` is an nn.Linear (same parameters, same state-dict keys, same init) whose
 forward is that function. Its backward is once-differentiable: for double backward
-(gradient penalties, Hessian-vector products) or torch.func transforms, run with
-MOEKIT_GEMM=torch (or under `gemm.backend("torch")`), which makes it F.linear.
+(gradient penalties, Hessian-vector products) or torch.func transforms, run under
+`moekit.settings.use(gemm="torch")`, which makes it F.linear.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from moekit import settings
 from moekit.ops import gemm
 
 
@@ -40,7 +41,7 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) · wᵀ + b -> (..., N); torch's F.linear wherever gemm would not help."""
-    if gemm.get_backend() == "torch" or x.device.type != "cpu" or x.dtype != w_NK.dtype:
+    if settings.get().gemm == "torch" or x.device.type != "cpu" or x.dtype != w_NK.dtype:
         return nn.functional.linear(x, w_NK, b_N)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_NK, b_N)):
         return _Linear.apply(x, w_NK, b_N)

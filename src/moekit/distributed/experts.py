@@ -5,7 +5,7 @@ running steps 3-4 of the layer across ranks.
       ─a permute──▶ x_RD rows in expert order = contiguous by destination rank
       ─b counts───▶ all-to-all of counts_E: how many rows each rank sends me, per local expert
       ─c dispatch─▶ all-to-all of rows (uneven splits) → x_rD grouped by (source, local expert)
-      ─d experts──▶ the bank's backend on x_rD with local expert ids (grouped GEMMs)
+      ─d experts──▶ the bank's implementation on x_rD with local expert ids
       ─e combine──▶ reverse all-to-all → out_RD in plan order → weighted sum into y_TD
 
 Rank r holds experts [r·E/ep, (r+1)·E/ep) under the parameter names of ExpertBank
@@ -19,12 +19,13 @@ from torch import nn
 
 from moekit.distributed.comm import all_to_all_rows, exchange_counts
 from moekit.distributed.groups import ParallelGroups
-from moekit.moe.experts import BACKENDS, ExpertBank
+from moekit.moe.experts import EXPERTS_IMPLS, ExpertBank, Experts
+from moekit.moe.experts.cpu import CpuState
 from moekit.moe.types import DispatchPlan
 from moekit.ops.sort import unpermute
 
 
-class EPExperts(nn.Module):
+class EPExperts(Experts):
     def __init__(self, bank: ExpertBank, groups: ParallelGroups) -> None:
         super().__init__()
         E, ep = bank.num_experts, groups.ep_size
@@ -39,7 +40,8 @@ class EPExperts(nn.Module):
         self.num_experts = E
         self.num_local_experts = E // ep
         self.expert_offset = groups.ep_rank * self.num_local_experts
-        self.act, self.backend_name, self.backend = bank.act, bank.backend_name, bank.backend
+        self.act, self.impl = bank.act, bank.impl
+        self._fn, self.cpu_state = EXPERTS_IMPLS.get(bank.impl), CpuState()
         lo, hi = self.expert_offset, self.expert_offset + self.num_local_experts
         self.w_in = nn.Parameter(bank.w_in.detach()[lo:hi].clone(), bank.w_in.requires_grad)
         self.w_out = nn.Parameter(bank.w_out.detach()[lo:hi].clone(), bank.w_out.requires_grad)
@@ -48,24 +50,22 @@ class EPExperts(nn.Module):
         return (f"experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1} "
                 f"of {self.num_experts}, ep={self.groups.ep_size}")
 
-    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, backend: str | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         ep, group = self.groups.ep_size, self.groups.ep_group
         x_RD = x_TD.index_select(0, plan.token_idx_R)  # a: expert order = rank order
         recv_counts_PL = exchange_counts(plan.counts_E, group, ep)  # b
         send_splits = plan.counts_E.view(ep, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         x_rD = all_to_all_rows(x_RD, recv_splits, send_splits, group)  # c
-        out_rD = self._local_experts(x_rD, recv_counts_PL, backend)  # d
+        out_rD = self._local_experts(x_rD, recv_counts_PL)  # d
         out_RD = all_to_all_rows(out_rD, send_splits, recv_splits, group)  # e
         return unpermute(out_RD, plan.token_idx_R, plan.num_tokens, plan.weights_R)
 
-    def _local_experts(self, x_rD: torch.Tensor, recv_counts_PL: torch.Tensor,
-                       backend: str | None) -> torch.Tensor:
+    def _local_experts(self, x_rD: torch.Tensor, recv_counts_PL: torch.Tensor) -> torch.Tensor:
         """Expert outputs of the received rows, in received order (no weights: the
         combine weights live with the token's own rank and are applied there)."""
-        fn = self.backend if backend is None else BACKENDS.get(backend)
         plan = local_plan(recv_counts_PL, x_rD.shape[0])
-        return fn(x_rD, plan, self.w_in, self.w_out, self.act)
+        return self._fn(x_rD, plan, self.w_in, self.w_out, self.act, self.cpu_state)
 
 
 def local_plan(recv_counts_PL: torch.Tensor, num_rows: int) -> DispatchPlan:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit.inference.prepare import prepare_for_inference
 from moekit.models.lm import MoELM
 
 
@@ -71,6 +72,7 @@ def generate(model: MoELM, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                          f"the model's max_seq_len={limit}")
     was_training = model.training
     model.eval()
+    prepare_for_inference(model)  # once per model: a second call finds it done
     try:
         out_BS = _decode(model, ids_BS, max_new_tokens, use_cache, eos_id,
                          lambda logits_BV: sample_next(logits_BV, temperature, top_k, top_p, generator))

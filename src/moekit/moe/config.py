@@ -1,6 +1,6 @@
 """MoEConfig: every knob of one MoE layer, validated when it is built.
 
-Variants are chosen by name (router, dispatch, expert, expert_backend) from the
+Variants are chosen by name (router, dispatch, expert, experts_impl) from the
 registries in `moe/router`, `moe/dispatch` and `moe/experts`; an unknown name is
 rejected here with the list of valid ones, never deep inside forward.
 """
@@ -50,7 +50,9 @@ class MoEConfig:
 
     # --- 3 experts
     expert: str = "swiglu"
-    expert_backend: str = "grouped"  # "grouped" (fast, chunked) or "loop" (reference oracle)
+    # how the experts compute (moe/experts/bank.py): "auto" (the CPU wing on the CPU,
+    # grouped_mm elsewhere), "cpu", "grouped_mm", or "loop" (the reference oracle)
+    experts_impl: str = "auto"
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # width of each shared expert; default d_ff
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x·w) scales the shared expert's output
@@ -83,6 +85,10 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        d = dict(d)
+        if "expert_backend" in d and "experts_impl" not in d:  # run folders written before experts_impl
+            old = d.pop("expert_backend")
+            d["experts_impl"] = {"grouped": "auto"}.get(old, old)
         reject_unknown_fields(cls, d)
         return cls(**d)
 
@@ -155,12 +161,12 @@ def _check_dispatch(cfg: MoEConfig) -> None:
 
 
 def _check_experts(cfg: MoEConfig) -> None:
-    from moekit.moe.experts import ACTIVATIONS, BACKENDS
+    from moekit.moe.experts import ACTIVATIONS, IMPL_NAMES
 
     if cfg.expert not in ACTIVATIONS:
         raise _bad("expert", cfg.expert, f"valid: {', '.join(ACTIVATIONS.names())}")
-    if cfg.expert_backend not in BACKENDS:
-        raise _bad("expert_backend", cfg.expert_backend, f"valid: {', '.join(BACKENDS.names())}")
+    if cfg.experts_impl not in IMPL_NAMES:
+        raise _bad("experts_impl", cfg.experts_impl, f"valid: {', '.join(IMPL_NAMES)}")
     if not _is_int(cfg.num_shared_experts) or cfg.num_shared_experts < 0:
         raise _bad("num_shared_experts", cfg.num_shared_experts, "must be an integer >= 0")
     if cfg.shared_d_ff is not None and (not _is_int(cfg.shared_d_ff) or cfg.shared_d_ff <= 0):

@@ -2,15 +2,15 @@
 
     x_TD ──1 route───▶ Routing(expert_ids_TK, weights_TK, logits_TE, probs_TE)
          ──2 dispatch─▶ DispatchPlan(token_idx_R sorted by expert, weights_R, counts_E)
-         ──3 experts──▶ ┐ fused in the "grouped" backend: gather, grouped GEMMs,
-         ──4 combine──▶ ┘ weighted scatter-add back to y_TD
-         (+ shared experts on x_TD)
+         ──3 experts──▶ ┐ one call of the expert bank (moe/experts/bank.py: the seam);
+         ──4 combine──▶ ┘ it returns y_TD, the weighted sum back in token order
+         (+ PR-MoE residual mix, + shared experts on x_TD)
     side path: balance(Routing) -> aux_loss, losses; routing_stats -> stats
 
-A decode step (1-8 tokens, no gradient, CPU fp32, top-k routers, SwiGLU) runs 1-4 and
-the shared experts in one kernel call (moe/decode_step.py) that returns the same
-Routing and DispatchPlan; with other routers, 3-4 and the shared experts still fuse
-(moe/experts/decode.py: fused_step).
+Soft MoE mixes tokens into slots instead of routing them (moe/router/soft_moe.py): a
+router that says so (`mixes_tokens`) takes `_soft_moe`, decided when the layer is built.
+Inference-only fusions (a whole decode step in one kernel) wrap a built layer from
+outside: moekit/inference/fused_decode.py.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.moe import decode_step
 from moekit.moe.balance import cv2_loss, router_z_loss, routing_stats, seq_aux_loss, switch_aux_loss
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import DISPATCHERS
-from moekit.moe.experts import ExpertBank, SharedExperts, decode
+from moekit.moe.experts import ExpertBank, SharedExperts
 from moekit.moe.experts.residual import ResidualMix
 from moekit.moe.router import build_router
 from moekit.moe.router.expert_dropout import drop_expert_slots
-from moekit.moe.types import MoEOutput, Routing
+from moekit.moe.types import DispatchPlan, MoEOutput, Routing
 
 
 class MoELayer(nn.Module):
@@ -34,9 +33,9 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
+        self.mixes_tokens = bool(getattr(self.router, "mixes_tokens", False))
         self.dispatch = DISPATCHERS.get(cfg.dispatch)
-        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.expert,
-                                  cfg.expert_backend, cfg.init_std)
+        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.expert, cfg.experts_impl, cfg.init_std)
         self.shared = None
         if cfg.num_shared_experts:
             self.shared = SharedExperts(cfg.d_model, cfg.shared_d_ff or cfg.d_ff, cfg.num_shared_experts,
@@ -51,24 +50,17 @@ class MoELayer(nn.Module):
         token_ids (...): token ids for routers that use them (hash routing).
         mask (...): True for real tokens; padding is left out of the balance losses.
         """
-        x_TD = self._flatten(x)
-        if getattr(self.router, "mixes_tokens", False):
+        x_TD = self.flatten(x)
+        if self.mixes_tokens:
             return self._soft_moe(x, x_TD, mask)
-        y_TD, routing, plan = decode_step.fused_layer(self, x_TD) or self._stages(x_TD, token_ids)
-        losses = self._balance_losses(routing, tuple(x.shape[:-1]), mask)
-        aux = sum((coef * losses[name] for name, coef in self._coefs() if coef > 0),
-                  start=x_TD.new_zeros((), dtype=torch.float32))
-        return MoEOutput(y_TD.view(x.shape), aux, losses, routing_stats(routing, plan))
-
-    def _stages(self, x_TD: torch.Tensor, token_ids: torch.Tensor | None):
-        """The data path stage by stage (a few tokens at inference take decode_step's
-        one-kernel version of the same, when it applies)."""
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
         routing = self.router(x_TD, token_ids_T)  # 1 route
         plan = self.dispatch(self._expert_dropout(routing), self.cfg)  # 2 dispatch
-        return self._experts_and_dense(x_TD, plan), routing, plan  # 3 experts + 4 combine (+ dense)
+        y_TD = self.experts(x_TD, plan)  # 3 experts + 4 combine
+        y_TD = self.dense_paths(x_TD, y_TD)  # + residual mix, + shared experts
+        return self.output(x, y_TD, routing, plan, mask)  # balance losses and stats
 
-    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
         D = self.cfg.d_model
         if x.dim() == 0 or x.shape[-1] != D:
             raise ValueError(f"MoELayer: input of shape {tuple(x.shape)} has last dim "
@@ -79,22 +71,21 @@ class MoELayer(nn.Module):
         p = self.cfg.expert_dropout
         return drop_expert_slots(routing, p) if self.training and p > 0 else routing
 
-    def _experts_and_dense(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
-        """A decode step of a SwiGLU layer on CPU runs experts, combine and shared experts
-        in one kernel (moe/experts/decode.py: fused_step); everything else goes stage by stage."""
-        if self.residual is None:
-            y_TD = decode.fused_step(x_TD, plan, self.experts, self.shared)
-            if y_TD is not None:
-                return y_TD
-        return self._dense_paths(x_TD, self.experts(x_TD, plan))
-
-    def _dense_paths(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+    def dense_paths(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
         """PR-MoE residual mix (moe/experts/residual.py), then the shared experts."""
         if self.residual is not None:
             y_TD = self.residual(x_TD, y_TD)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD
+
+    def output(self, x: torch.Tensor, y_TD: torch.Tensor, routing: Routing, plan: DispatchPlan,
+               mask: torch.Tensor | None) -> MoEOutput:
+        """The layer's answer: y in x's shape, the weighted aux loss, the losses, the stats."""
+        losses = self._balance_losses(routing, tuple(x.shape[:-1]), mask)
+        aux = sum((coef * losses[name] for name, coef in self._coefs() if coef > 0),
+                  start=y_TD.new_zeros((), dtype=torch.float32))
+        return MoEOutput(y_TD.view(x.shape), aux, losses, routing_stats(routing, plan))
 
     def _soft_moe(self, x: torch.Tensor, x_TD: torch.Tensor, mask) -> MoEOutput:
         """Soft MoE (moe/router/soft_moe.py): tokens mix into slots, experts run on slots."""
@@ -103,7 +94,7 @@ class MoELayer(nn.Module):
         slots = self.router.slots(x_BSD, None if mask is None else mask.reshape(x_BSD.shape[:2]))
         plan = DISPATCHERS.get("dropless")(slots.routing, self.cfg)
         y_TD = self.router.combine(self.experts(slots.x_XD, plan), slots.combine_BSX).reshape(x_TD.shape)
-        y_TD = self._dense_paths(x_TD, y_TD)
+        y_TD = self.dense_paths(x_TD, y_TD)
         zero = x_TD.new_zeros((), dtype=torch.float32)
         return MoEOutput(y_TD.view(x.shape), zero, {}, routing_stats(slots.routing, plan))
 

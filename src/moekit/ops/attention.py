@@ -18,11 +18,10 @@ dropout, and builds without the extension take the reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from moekit import settings
 from moekit.ops import ext
 from moekit.ops.rope import rotate
 
@@ -30,26 +29,26 @@ from moekit.ops.rope import rotate
 # MAX_LEN positions (4 x MAX_LEN x d floats) and each query row's MAX_LEN scores
 MAX_LEN = 512
 LANES = 16  # the kernel's head dim must be a multiple of this
-ENABLED = os.environ.get("MOEKIT_ATTENTION_KERNEL", "1") != "0"
+
+
+def kernel_fits(head_dim: int) -> bool:
+    """Whether the kernel can serve attention with this head dim here: decided once, when
+    an attention module is built (settings.attention_kernel, the kernels built)."""
+    return settings.get().attention_kernel and head_dim % LANES == 0 and ext.available()
+
+
+def takes(x: torch.Tensor, S: int, dropout_p: float) -> bool:
+    """Per call, for a module whose head dim fits: CPU float32 outside autocast, at most
+    MAX_LEN positions, no dropout (and the kernels not switched off since)."""
+    return (dropout_p == 0.0 and x.device.type == "cpu" and x.dtype == torch.float32 and 0 < S <= MAX_LEN
+            and not torch.is_autocast_enabled("cpu") and ext.available())
 
 
 def applies(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, dropout_p: float) -> bool:
-    """CPU float32, a full causal square (no cached keys), a head dim the kernel tiles,
-    at most MAX_LEN positions, no dropout, and the kernels built."""
+    """For `attend`: a full causal square (no cached keys) the kernel takes."""
     return (k_BGLd.dtype == q_BHSd.dtype and k_BGLd.shape[2] == q_BHSd.shape[2]
-            and q_BHSd.shape[1] % k_BGLd.shape[1] == 0
-            and _takes(q_BHSd, q_BHSd.shape[2], q_BHSd.shape[3], dropout_p))
-
-
-def applies_to_projection(x_BSD: torch.Tensor, w_XD: torch.Tensor, head_dim: int, dropout_p: float) -> bool:
-    """`applies` for the q/k/v of a fused projection x · wᵀ not computed yet (attend_qkv)."""
-    return (w_XD.dtype == x_BSD.dtype and not torch.is_autocast_enabled(x_BSD.device.type)
-            and _takes(x_BSD, x_BSD.shape[1], head_dim, dropout_p))
-
-
-def _takes(x: torch.Tensor, S: int, d: int, dropout_p: float) -> bool:
-    return (ENABLED and dropout_p == 0.0 and x.device.type == "cpu" and x.dtype == torch.float32
-            and 0 < S <= MAX_LEN and d % LANES == 0 and ext.available())
+            and q_BHSd.shape[1] % k_BGLd.shape[1] == 0 and kernel_fits(q_BHSd.shape[3])
+            and takes(q_BHSd, q_BHSd.shape[2], dropout_p))
 
 
 def attend(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, cos_SD: torch.Tensor | None,
@@ -74,7 +73,7 @@ def attend_qkv(qkv_BSX: torch.Tensor, n_heads: int, n_kv_heads: int, cos_SD: tor
     Returns (B, S, H·d), ready for the output projection. The gradient comes back as one
     (B, S, X) tensor the kernel writes in place, so the fused projection's backward is one
     product per operand with no slicing copies. For callers that checked
-    `applies_to_projection`."""
+    `kernel_fits` and `takes`."""
     if cos_SD is None:
         cos_SD = sin_SD = qkv_BSX.new_empty(0)
     return _AttentionQKV.apply(qkv_BSX, cos_SD.float().contiguous(), sin_SD.float().contiguous(),

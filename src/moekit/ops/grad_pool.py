@@ -17,15 +17,15 @@ without a copy.
 
 Memory: a buffer stays allocated while its parameter lives; that is the size of the
 gradient, which zero_grad(set_to_none=False) keeps too. `release()` drops every buffer;
-MOEKIT_GRAD_POOL=0 turns the pool off.
+`moekit.settings.use(grad_pool=False)` turns the pool off.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from moekit import settings
 
 MIN_BYTES = 8 * 2**20  # smaller buffers come from glibc's heap, already mapped
 _pool: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -33,7 +33,7 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without i
 
 
 def enabled() -> bool:
-    return _use_count is not None and os.environ.get("MOEKIT_GRAD_POOL", "1") != "0"
+    return _use_count is not None and settings.get().grad_pool
 
 
 def only_pool_holds(buf: torch.Tensor) -> bool:
@@ -43,11 +43,11 @@ def only_pool_holds(buf: torch.Tensor) -> bool:
     return _use_count is not None and _use_count(buf.untyped_storage()._cdata) == 2
 
 
-def empty_like(param: torch.Tensor) -> torch.Tensor:
+def empty_like(param: torch.Tensor, min_bytes: int = MIN_BYTES) -> torch.Tensor:
     """An uninitialised contiguous tensor like param, for its gradient; the backward
-    must write every element."""
+    must write every element. Gradients of min_bytes or more are pooled."""
     nbytes = param.numel() * param.element_size()
-    if param.device.type != "cpu" or nbytes < MIN_BYTES or not enabled():
+    if param.device.type != "cpu" or nbytes < min_bytes or not enabled():
         return torch.empty_like(param, memory_format=torch.contiguous_format)
     buf = _pool.get(param)
     if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or not only_pool_holds(buf):

@@ -5,7 +5,7 @@ double backward, no build).
 Why a kernel: see csrc/rmsnorm.cpp; torch runs the norm on the CPU as a chain of
 elementwise ops, and nine of them sit in a training step of the `tiny` preset.
 The kernel's backward is once-differentiable (as layers.Linear's): for double backward
-run with MOEKIT_EXT=0, which makes this F.rms_norm.
+run under `moekit.settings.use(kernels="off")`, which makes this F.rms_norm.
 """
 
 from __future__ import annotations

@@ -49,11 +49,13 @@ MIN_POOLED_BYTES = 8 * 2**20
 _pooled: dict[tuple, torch.Tensor] = {}
 
 
-def slot_buffer(rows: int, width: int, like: torch.Tensor, zero: bool) -> torch.Tensor:
-    """An uninitialised (rows, width) buffer like `like` (zeroed if `zero`). A big one is
-    reused when nothing but this pool still holds it (the last call's sum is done)."""
+def slot_buffer(rows: int, width: int, like: torch.Tensor, zero: bool,
+                min_pooled_bytes: int = MIN_POOLED_BYTES) -> torch.Tensor:
+    """An uninitialised (rows, width) buffer like `like` (zeroed if `zero`). A big one (from
+    min_pooled_bytes) is reused when nothing but this pool still holds it (the last call's
+    sum is done)."""
     nbytes = rows * width * like.element_size()
-    if nbytes < MIN_POOLED_BYTES or like.device.type != "cpu":
+    if nbytes < min_pooled_bytes or like.device.type != "cpu":
         return like.new_zeros(rows, width) if zero else like.new_empty(rows, width)
     key = (like.dtype, like.device)
     buf = _pooled.get(key)

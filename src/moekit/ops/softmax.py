@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-SHORT = 15  # rows up to this long take the whole-tensor path on CPU (benchmarks/kernels.py)
+SHORT = 15  # rows up to this long take the whole-tensor path on CPU (benchmarks/ops_kernels.py)
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from moekit.ops import ext
 
 
-def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int, host_max_slots: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable order of the flat slots t*K+k grouped by expert, and the experts' slot counts.
 
     Slots with expert id -1 (empty) sort last and are not counted. Within an expert the
@@ -16,9 +17,12 @@ def sort_slots_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple
 
     Returns slot_idx_S (flat t*K+k indices of the assigned slots, grouped by expert) and
     counts_E. A histogram (bincount), not a scan per expert, keeps it one pass.
+    host_max_slots: up to this many slots the order is built in Python (default
+    HOST_MAX_SLOTS; tests pass -1 or a huge number to reach both paths).
     """
     T, K = expert_ids_TK.shape
-    if expert_ids_TK.device.type == "cpu" and T * K <= HOST_MAX_SLOTS:
+    limit = HOST_MAX_SLOTS if host_max_slots is None else host_max_slots
+    if expert_ids_TK.device.type == "cpu" and T * K <= limit:
         return _sort_on_host(expert_ids_TK, num_experts)
     if expert_ids_TK.device.type == "cpu" and expert_ids_TK.dtype == torch.int64 and ext.available():
         return _sort_by_counting(expert_ids_TK, num_experts)

@@ -79,6 +79,10 @@ class TrainConfig:
     # wait at a barrier (measured under load: ~14 s/step with 2 threads, ~0.7 s with 1).
     # Float sums depend on the thread split, so bit-identical resume needs the same value.
     threads: int = 1
+    # how the kernels the run uses are chosen (moekit.settings.tune): "measure" (timed
+    # once per machine and shape class, ops/tune.py) or "rules" (fixed, the same on
+    # every machine: runs that must match bit for bit across machines)
+    tune: str = "measure"
     sample_tokens: int = 200  # tokens generated at the end of `moekit train` (0: none)
 
     def __post_init__(self) -> None:
@@ -150,6 +154,8 @@ def _check_strings(c: TrainConfig) -> None:
         raise _bad("train", "preset", c.preset, "must be a preset name")
     if c.dtype not in DTYPES:
         raise _bad("train", "dtype", c.dtype, f"valid: {', '.join(DTYPES)}")
+    if c.tune not in ("measure", "rules"):
+        raise _bad("train", "tune", c.tune, "valid: measure, rules")
     ok_device = c.device in ("auto", "cpu", "cuda", "mps") or (
         isinstance(c.device, str) and c.device.startswith("cuda:") and c.device[5:].isdigit())
     if not ok_device:

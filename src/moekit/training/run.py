@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from moekit import settings
 from moekit.data import TokenData, build_token_data, load_corpus, unigram_bits_per_byte
 from moekit.distributed.launch import NullReporter, init_ep_run
 from moekit.models import LMConfig, MoELM, get_preset
@@ -119,6 +120,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     lm_cfg = model_config(cfg, data.tokenizer.vocab_size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    settings.set(tune=cfg.tune)  # the process is this run's: its kernel choices follow the config
     keep_freed_memory()  # see training/heap.py
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device) if ctx is None else ctx.device

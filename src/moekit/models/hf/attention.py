@@ -30,7 +30,8 @@ from moekit.models.rope import apply_rope
 @ATTENTIONS.register("hf_gqa")
 class HFGroupedQueryAttention(GroupedQueryAttention):
     def __init__(self, cfg, layer_idx: int) -> None:
-        super().__init__(cfg, layer_idx)
+        nn.Module.__init__(self)  # its own projections (biases, norms): not the base's fused one
+        self.init_heads(cfg, layer_idx)
         D, H, G, d = cfg.d_model, self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = Linear(D, H * d, bias=cfg.qkv_bias)
         self.k_proj = Linear(D, G * d, bias=cfg.qkv_bias)

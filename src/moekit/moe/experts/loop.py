@@ -1,5 +1,5 @@
 """The reference oracle: a Python loop over experts, differentiated by autograd.
-Slow and obviously correct; every fast backend is tested against it."""
+Slow and obviously correct; every other implementation is tested against it."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-// One chunk of the SwiGLU expert bank with whole experts handed to threads: each thread
-// gathers its expert's rows, runs that expert's products on one core through oneDNN, and
-// applies the SwiGLU, all in its own cache-sized buffers. moe/experts/by_expert.py is the
-// Python side and says why; moe/experts/grouped.py's chunk loop is the reference.
+// The SwiGLU expert bank with whole experts handed to threads: each thread gathers its
+// expert's rows, runs that expert's products on one core, and applies the SwiGLU, all in
+// its own cache-sized buffers. ops/expert_bank.py is the typed face; the CPU expert path
+// that calls it (moe/experts/cpu/whole.py) says why, and the chunk loop
+// (moe/experts/cpu/chunked.py) is the reference.
 //
 // A call's rows are sorted by expert; each row's output (and, in the backward, its dx
 // row) goes to the row dst[r] of out: its slot t·K + k when the caller sums slots per
-// token afterwards (moe/experts/by_expert.py), or r for a chunk buffer it scatter-adds.
+// token afterwards, or r for a chunk buffer it scatter-adds.
 // seg (S, 4) int64 lists the call's segments as (expert, first row, end row, first-write)
 // with rows relative to the call. An expert's rows may be split into several segments
 // (they bound the threads' buffers); such segments follow each other, and first-write = 1
@@ -16,23 +17,12 @@
 // The forward hands segments to threads one at a time; the backward hands out an expert's
 // segments together, to one thread, in order (they write the same weight gradients).
 //
-// The products run on one of two oneDNN kernels, chosen by the caller (ops/gemm.py:
-// bank_micro_kernel):
-//  - micro: the brgemm micro-kernel (torch's cpublas::brgemm), for experts whose weights
-//    fit in a core's L2. It wants both operands in rows (A: M x K, B: K x N), so the
-//    forward transposes the expert's weights and the weight gradients their left operand
-//    (dyᵀ, dhᵀ), each in cache (transpose_tile.h). Single-thread GFLOP/s on the
-//    reference machine (AMD EPYC, AVX-512; a C++ loop over each product of the tiny and
-//    many experts, session 9): 215-235 where oneDNN's matmul reaches 180-200 (a · b and
-//    a · wᵀ) and 142-167 (aᵀ · b, the weight gradients). Rows go in blocks of
-//    MICRO_ROWS, the reduction in blocks of MICRO_DEPTH.
-//  - oneDNN's matmul otherwise (big experts: it blocks for the caches itself).
-// oneDNN compiles a kernel per new shape. For the matmul, each expert's rows are padded
-// with zero rows to a multiple of `step` rows (fewer than `step` stay as they are), and
-// zero rows stay zero through every stage, so they add nothing to any output. The
-// micro-kernel's shapes are bounded by its blocks instead: its forward and its dx and u
-// products run on the rows as they are; only the weight gradients, whose reduction runs
-// over the rows, keep the padding.
+// The products run on the engine the caller names (see `Engine` below). oneDNN's matmul
+// compiles a kernel per new shape, so for it each expert's rows are padded with zero rows
+// to a multiple of `step` rows (fewer than `step` stay as they are); zero rows stay zero
+// through every stage and add nothing to any output. The micro-kernel's shapes are bounded
+// by its blocks instead: only its weight gradients, whose reduction runs over the rows,
+// keep the padding. BLAS pads nothing.
 // Every product of an expert runs on one thread in a fixed order, so the result does
 // not depend on the thread count or on which thread took the expert.
 #include <ATen/ATen.h>
@@ -46,7 +36,9 @@
 #include <functional>
 #include <vector>
 
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include "bank_common.h"
 #include "swiglu_rows.h"
@@ -80,30 +72,59 @@ void micro_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
   }
 }
 
-// The three forms of an expert's products, on the micro-kernel or oneDNN's matmul. Every
-// operand is a row-major matrix (a view with unit column stride); `t` is room for the
-// operand the micro-kernel wants transposed.
+// The three forms of an expert's products, on one of three engines (moe/experts/cpu/path.py
+// picks it per machine and shape: CpuPath.products):
+//   MATMUL  oneDNN's matmul (at::native::mkldnn_matmul), which blocks for the caches itself;
+//           torch refuses it on CPUs without avx512bw/vl/dq (or avx_ne_convert), so the
+//           caller probes it once before choosing it;
+//   MICRO   oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm; where the CPU has none
+//           torch runs its own GEMM), for experts whose weights fit a core's L2. It wants both
+//           operands in rows, so the caller's buffer `t` takes the operand it needs transposed;
+//   BLAS    torch's own product (at::mm_out, at::addmm_out: MKL's sgemm in torch's x86
+//           wheels, OpenBLAS or torch's kernels elsewhere), which takes transposed operands
+//           as they lie. Inside this kernel's parallel region it runs on the calling thread.
+// Every operand is a row-major matrix (a view with unit column stride).
+enum Engine : int64_t { MATMUL = 0, MICRO = 1, BLAS = 2 };
 
 // c = a · b: a (M, K), b (K, N), c (M, N)
-void mm(bool micro, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  if (!micro) return at::native::mkldnn_matmul(a, b, c, 0.0f, 1.0f);
+void mm(int64_t engine, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  if (engine == MATMUL) return at::native::mkldnn_matmul(a, b, c, 0.0f, 1.0f);
+  if (engine == BLAS) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the weights are parameters
+    at::mm_out(const_cast<at::Tensor&>(c), a, b);
+    return;
+  }
   micro_gemm(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
              c.data_ptr<float>(), c.stride(0), false);
 }
 
 // c = a · wᵀ: a (M, K), w (N, K), c (M, N); the micro-kernel reads wᵀ from t (K x N)
-void mm_nt(bool micro, const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, float* t) {
-  if (!micro) return at::native::mkldnn_matmul(a, w.t(), c, 0.0f, 1.0f);
+void mm_nt(int64_t engine, const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, float* t) {
+  if (engine == MATMUL) return at::native::mkldnn_matmul(a, w.t(), c, 0.0f, 1.0f);
   const int64_t N = w.size(0), K = w.size(1);
+  if (engine == BLAS) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::mm_out(const_cast<at::Tensor&>(c), a, w.t());
+    return;
+  }
   moekit::transpose_cols(w.data_ptr<float>(), N, w.stride(0), 0, K, t, N);
   micro_gemm(a.size(0), N, K, a.data_ptr<float>(), a.stride(0), t, N, c.data_ptr<float>(), c.stride(0), false);
 }
 
 // c = aᵀ · b, plus c when add: a (R, M), b (R, N), c (M, N); the micro-kernel reads aᵀ
 // from t (M x R)
-void mm_tn(bool micro, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool add, float* t) {
-  if (!micro) return at::native::mkldnn_matmul(a.t(), b, c, add ? 1.0f : 0.0f, 1.0f);
+void mm_tn(int64_t engine, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool add, float* t) {
+  if (engine == MATMUL) return at::native::mkldnn_matmul(a.t(), b, c, add ? 1.0f : 0.0f, 1.0f);
   const int64_t R = a.size(0), M = a.size(1);
+  if (engine == BLAS) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (add) {
+      const_cast<at::Tensor&>(c).addmm_(a.t(), b);
+    } else {
+      at::mm_out(const_cast<at::Tensor&>(c), a.t(), b);
+    }
+    return;
+  }
   moekit::transpose_cols(a.data_ptr<float>(), R, a.stride(0), 0, M, t, R);
   micro_gemm(M, b.size(1), R, t, R, b.data_ptr<float>(), b.stride(0), c.data_ptr<float>(), c.stride(0), add);
 }
@@ -290,8 +311,11 @@ struct FwdBufs {
 // (rows, 2F)) gets the pre-activations when given (saved for the backward)
 void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts, const at::Tensor& seg,
               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& out, const at::Tensor& dst,
-              at::TensorList h, at::IntArrayRef h_rows, int64_t step, bool micro, bool stream) {
+              at::TensorList h, at::IntArrayRef h_rows, int64_t step, int64_t engine, bool stream) {
   moekit::bank::check_inputs(x, tok, wts, w_in, w_out);
+  TORCH_CHECK(engine >= MATMUL && engine <= BLAS, "expert_bank: engine ", engine, " is not 0, 1 or 2");
+  // only oneDNN's matmul compiles a kernel per shape and wants padded rows
+  const bool micro = engine == MICRO, unpadded = engine != MATMUL;
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   const int64_t* dp = check_dst(out, dst, rows, D);
   const std::vector<Seg> segs = read_segments(seg, w_in.size(0), rows);
@@ -308,21 +332,21 @@ void bank_fwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   };
   for_each_task(make_tasks(segs, false), make, [&](int64_t i, FwdBufs& b) {
     const Seg& g = segs[i];
-    const int64_t n = g.t - g.s, m = micro ? n : padded(n, step);
+    const int64_t n = g.t - g.s, m = unpadded ? n : padded(n, step);
     float* wt = micro ? b.wt.data_ptr<float>() : nullptr;
     const at::Tensor xm = b.x.narrow(0, 0, m), am = b.a.narrow(0, 0, m), om = b.o.narrow(0, 0, m);
-    // the micro-kernel writes h straight into the saved rows (it has no padding rows to spill)
-    const bool direct = micro && keep_h;
+    // unpadded, h goes straight into the saved rows (there are no padding rows to spill)
+    const bool direct = unpadded && keep_h;
     const at::Tensor hm = direct ? at::from_blob(hseg[i], {n, N}, at::TensorOptions().dtype(at::kFloat))
                                  : b.h.narrow(0, 0, m);
     gather_rows(x, tp + g.s, n, m, xm);
-    mm_nt(micro, xm, w_in[g.e], hm, wt);
+    mm_nt(engine, xm, w_in[g.e], hm, wt);
     if (keep_h && !direct) std::memcpy(hseg[i], hm.data_ptr<float>(), n * N * sizeof(float));
     const float* hp = hm.data_ptr<float>();
     float* ap = am.data_ptr<float>();
     for (int64_t r = 0; r < m; ++r)
       moekit::fwd_row(hp + r * N, hp + r * N + F, weight_a && r < n ? wp[g.s + r] : 1.0f, ap + r * F, F);
-    mm_nt(micro, am, w_out[g.e], om, wt);
+    mm_nt(engine, am, w_out[g.e], om, wt);
     scatter_rows(om.data_ptr<float>(), n, D, dp + g.s, weight_a ? nullptr : wp + g.s, out.data_ptr<float>(), stream);
   });
 }
@@ -339,8 +363,10 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
               const at::Tensor& w_in, const at::Tensor& w_out, at::TensorList h, at::IntArrayRef h_rows,
               const at::Tensor& dy,
               const at::Tensor& dx_out, const at::Tensor& dst, const at::Tensor& dw, const at::Tensor& dw_in,
-              const at::Tensor& dw_out, int64_t step, bool micro, bool stream) {
+              const at::Tensor& dw_out, int64_t step, int64_t engine, bool stream) {
   moekit::bank::check_inputs(x, tok, wts, w_in, w_out);
+  TORCH_CHECK(engine >= MATMUL && engine <= BLAS, "expert_bank: engine ", engine, " is not 0, 1 or 2");
+  const bool micro = engine == MICRO;
   const int64_t rows = tok.numel(), D = x.size(1), F = w_out.size(2), N = 2 * F;
   TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous() && dy.sizes() == x.sizes(),
               "expert_bank: dy must be contiguous float32 like x");
@@ -363,12 +389,13 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
   };
   for_each_task(make_tasks(segs, true), make, [&](int64_t i, BwdBufs& b) {
     const Seg& g = segs[i];
-    // m: rows padded (the weight gradients' reduction); k: the rows the other products run on
-    const int64_t n = g.t - g.s, m = padded(n, step), k = micro ? n : m;
+    // m: rows padded for the weight gradients' reduction (oneDNN compiles a kernel per
+    // shape, the micro-kernel too), none on BLAS; k: the rows the other products run on
+    const int64_t n = g.t - g.s, m = engine == BLAS ? n : padded(n, step), k = micro ? n : m;
     float* tr = micro ? b.t.data_ptr<float>() : nullptr;
     const at::Tensor dym = b.dy.narrow(0, 0, m), dhm = b.dh.narrow(0, 0, m), am = b.a.narrow(0, 0, m);
     gather_rows(dy, tp + g.s, n, m, dym);
-    mm(micro, dym.narrow(0, 0, k), w_out[g.e], b.u.narrow(0, 0, k));  // u = dy · W_out: reaches w·a
+    mm(engine, dym.narrow(0, 0, k), w_out[g.e], b.u.narrow(0, 0, k));  // u = dy · W_out: reaches w·a
     const float* hp = hseg[i];
     const float* up = b.u.data_ptr<float>();
     float* dhp = dhm.data_ptr<float>();
@@ -385,15 +412,15 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
       std::memset(dhp + n * N, 0, (m - n) * N * sizeof(float));
       if (need_wout) std::memset(ap + n * F, 0, (m - n) * F * sizeof(float));
     }
-    if (need_wout) mm_tn(micro, dym, am, dw_out[g.e], !g.first, tr);  // dyᵀ (w·a)
+    if (need_wout) mm_tn(engine, dym, am, dw_out[g.e], !g.first, tr);  // dyᵀ (w·a)
     if (need_win) {  // dhᵀ x
       const at::Tensor xm = b.x.narrow(0, 0, m);
       gather_rows(x, tp + g.s, n, m, xm);
-      mm_tn(micro, dhm, xm, dw_in[g.e], !g.first, tr);
+      mm_tn(engine, dhm, xm, dw_in[g.e], !g.first, tr);
     }
     if (need_x) {  // dh · W_in
       const at::Tensor dxm = b.dx.narrow(0, 0, k);
-      mm(micro, dhm.narrow(0, 0, k), w_in[g.e], dxm);
+      mm(engine, dhm.narrow(0, 0, k), w_in[g.e], dxm);
       scatter_rows(dxm.data_ptr<float>(), n, D, dp + g.s, nullptr, dx_out.data_ptr<float>(), stream);
     }
   });
@@ -403,10 +430,10 @@ void bank_bwd(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& wts,
 
 TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.def("expert_bank_fwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, "
-        "Tensor(a!) out, Tensor dst, Tensor(b!)[] h, int[] h_rows, int step, bool micro, bool stream) -> ()");
+        "Tensor(a!) out, Tensor dst, Tensor(b!)[] h, int[] h_rows, int step, int engine, bool stream) -> ()");
   m.def("expert_bank_bwd(Tensor x, Tensor tok, Tensor weights, Tensor seg, Tensor w_in, Tensor w_out, Tensor[] h, "
         "int[] h_rows, Tensor dy, Tensor(a!) dx_out, Tensor dst, Tensor(b!) dw, Tensor(c!) dw_in, Tensor(d!) dw_out, "
-        "int step, bool micro, bool stream) -> ()");
+        "int step, int engine, bool stream) -> ()");
 }
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
   m.impl("expert_bank_fwd", bank_fwd);

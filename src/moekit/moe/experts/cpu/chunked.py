@@ -1,13 +1,13 @@
-"""The fast expert path: gather -> grouped matmul -> activation -> grouped matmul ->
-weighted scatter-add, fused in one autograd Function and walked in row chunks.
+"""The chunk loop: gather -> GEMM -> activation -> GEMM -> weighted scatter-add, fused in
+one autograd Function and walked in row chunks. Every dtype and activation; the CPU
+wing's reference (tests compare the other paths with it, and it with the loop oracle).
 
 Why chunks: every temporary of the obvious version (x_RD, h_RN, out_RD) is R rows
 long; on CPU each one past glibc's 32 MiB mmap threshold is a fresh mapping whose
 pages fault in on first touch, which cost 15-19% of the fine config (BENCHMARKS.md).
-Walking the expert-sorted rows in chunks of about CHUNK_BYTES keeps every temporary
-small, and the gather/scatter of a chunk stays in cache. One chunk covers whole
-experts where it can; a big expert is split over several chunks. The chunk buffers
-are allocated once per call and reused by every chunk (a `_Scratch`).
+Walking the expert-sorted rows in chunks of `path.chunk_rows` keeps every temporary
+small, and the gather/scatter of a chunk stays in cache. The chunk buffers are
+allocated once per call and reused by every chunk (a `_Scratch`).
 
 Why a hand-written backward: autograd on the obvious graph keeps x_RD, h_RN, a_RF and
 out_RD alive. Here only h_RN (the pre-activation) is saved, and only when a gradient is
@@ -15,66 +15,30 @@ needed (an inference forward keeps nothing). The gradient of the routing weights
 <dy_t, out_r>; since out_r = a_r W_outᵀ, it equals <dy_t W_out, a_r>, and dy_t W_out is
 the product backward computes anyway, so out_RD is never stored.
 
-Fewer passes over the routed rows: the routing weight scales a_RF (or out_RD, whichever
-is narrower) once, since out = (w·a) W_outᵀ. SwiGLU on CPU float32 runs in
-ops/swiglu.py's kernel: one pass forward (silu · up · weight) and one backward (dh, a·w
-and the routing-weight gradient together), against 3 and 8 passes of torch ops; the
-torch ops (_act_fwd/_act_grads) stay for other dtypes, devices and activations, and
-write both halves of dh straight into one buffer (no torch.cat). The scatter-adds of
-the output and of dx go through ops/rows.py (both threads; torch's index_add_ uses one).
+The routing weight scales a_RF (or out_RD, whichever is narrower) once, since
+out = (w·a) W_outᵀ. SwiGLU on CPU float32 runs in ops/swiglu.py's kernel (one pass each
+way against torch's 3 and 8); the torch ops stay for other dtypes and activations.
 
-Per-expert GEMMs run through ops/gemm.py: on oneDNN (CPU, ~2.2x torch's MKL call on the
-reference machine) one expert per chunk with zero-padded rows, each product's fresh
-output used as is (see _padded_path); elsewhere torch.mm into slices of the chunk
-buffers. torch's grouped_mm is not used: on CPU it is itself a loop of mm and measured
-slower at these sizes (it allocates the whole output at once).
-
-grouped_experts hands a call to decode.py (a few rows per expert, no gradient) or to
-by_expert.py (CPU fp32 SwiGLU with at least 2 experts per thread in a chunk: whole
-experts per thread in C++) where those apply; this chunk loop is their reference.
+Products (`path.products`): "onednn" gives each expert its own chunk and pads its rows
+with zero rows to a multiple of `path.pad` (oneDNN compiles a kernel per shape; zero
+rows stay zero through every stage and add nothing to the weight gradients), using each
+product's fresh output as is (oneDNN has no out=); "torch" lets a chunk hold several
+experts and writes every product into slices of the chunk buffers.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
-from moekit.moe.experts import by_expert, decode
 from moekit.moe.experts.activations import ACTIVATIONS, Activation
-from moekit.moe.experts.chunks import Segments, plan_chunks
+from moekit.moe.experts.cpu.chunks import Segments, plan_chunks
+from moekit.moe.experts.cpu.path import CpuPath
 from moekit.moe.types import DispatchPlan
 from moekit.ops import gemm, grad_pool, swiglu
 from moekit.ops import rows as row_ops
-
-# bytes of the widest chunk buffer: small enough to keep a chunk's rows in L3 ...
-CHUNK_BYTES = 4 * 2**20
-# ... but at least MIN_ROWS rows: every chunk re-reads its experts' weights (and the
-# backward re-writes their gradients), so wide experts (coarse: N = 5632) need tall
-# chunks to amortise that; measured 8% faster fwd+bwd on coarse than 186-row chunks
-MIN_ROWS = 1024
-# and never a buffer past glibc's 32 MiB mmap threshold (fresh pages fault in every call)
-MAX_BUFFER_BYTES = 30 * 2**20
-
-def _rows_per_chunk(x: torch.Tensor, n_in: int) -> int:
-    if x.is_cuda:  # the mmap-threshold argument is a CPU one; fewer, larger GEMMs on GPU
-        return 1 << 30
-    row_bytes = x.element_size() * max(n_in, x.shape[-1])
-    rows = max(MIN_ROWS, CHUNK_BYTES // row_bytes)
-    rows = max(1, min(rows, MAX_BUFFER_BYTES // row_bytes))
-    return rows - rows % gemm.SHAPE_STEP if rows > gemm.SHAPE_STEP else rows
-
-
-def _padded_path(x: torch.Tensor) -> int:
-    """Rows are padded to a multiple of this (1: no padding).
-
-    On oneDNN (ops/gemm.py) each chunk holds one expert and its rows, if there are at
-    least gemm.SHAPE_STEP, are padded with zero rows up to a multiple of it, so
-    (a) oneDNN, which compiles a kernel per new shape, sees few shapes, (b) every product is one call whose fresh output is
-    used as is (oneDNN has no out=, and copying results into chunk buffers cost more than
-    its speed-up on small experts), and (c) the zero rows stay zero through every stage,
-    so they add nothing to the weight gradients. Elsewhere (CUDA, fp64, the torch
-    backend) chunks hold several experts and products write into chunk buffers.
-    """
-    return gemm.SHAPE_STEP if gemm.onednn_takes(x) else 1
 
 
 class _Scratch:
@@ -102,10 +66,10 @@ class _Scratch:
 def _seg_mm(a: torch.Tensor, w_E: torch.Tensor, segs: Segments, out: torch.Tensor | None,
             transpose: bool) -> torch.Tensor:
     """Row block of each segment times its expert's weight (transposed if asked), into
-    out; out=None (padded path: one segment over all of a's rows) returns a fresh tensor."""
+    out; out=None (onednn: one segment over all of a's rows) returns oneDNN's fresh output."""
     if out is None:
         (e, _, _), = segs
-        return gemm.mm(a, w_E[e].t() if transpose else w_E[e])
+        return gemm.onednn_mm(a, w_E[e].t() if transpose else w_E[e])
     for e, s, t in segs:
         torch.mm(a[s:t], w_E[e].t() if transpose else w_E[e], out=out[s:t])
     return out
@@ -160,18 +124,18 @@ def _act_grads(act: Activation, h_mN, u_mF, w_n1, scratch: _Scratch, need_w: boo
     return dh_mN, a_mF if need_a else None, dw_n
 
 
-class _GroupedFFN(torch.autograd.Function):
+class _ChunkedFFN(torch.autograd.Function):
     """Rows r0..r1 of a chunk are n real rows, padded to m (m = n off the padded path)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, counts, act_name, grad_on):
+    def forward(ctx, x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, counts, act_name, grad_on, path):
         act: Activation = ACTIVATIONS.get(act_name)
         T, D = x_TD.shape
         N, Fh = w_in_END.shape[1], w_out_EDF.shape[2]
-        pad = _padded_path(x_TD)
-        rows = _rows_per_chunk(x_TD, N)
-        chunks = plan_chunks(counts, rows, one_expert=pad > 1)
-        keep_h = grad_on and any(ctx.needs_input_grad[:4])  # as by_expert.py: inference saves nothing
+        onednn = path.products == "onednn"
+        pad, rows = path.pad if onednn else 1, path.chunk_rows
+        chunks = plan_chunks(counts, rows, one_expert=onednn)
+        keep_h = grad_on and any(ctx.needs_input_grad[:4])  # an inference forward saves nothing
         scratch = _Scratch(x_TD, _round_up(min(rows, max(1, token_idx_R.shape[0])), pad))
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
         y_TD = x_TD.new_zeros(T, D)
@@ -180,11 +144,11 @@ class _GroupedFFN(torch.autograd.Function):
             n, tok, w_n1 = r1 - r0, token_idx_R[r0:r1], w_R1[r0:r1]
             m = _padded_rows(n, pad)
             x_mD = scratch.gather("xo", x_TD, tok, m)
-            h_out = None if pad > 1 else x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
+            h_out = None if onednn else x_TD.new_empty(n, N) if keep_h else scratch.get("h", n, N)
             h_mN = _seg_mm(x_mD, w_in_END, segs, h_out, transpose=True)
             # out = (w·a) W_outᵀ: the weight scales the narrower of a and out
             a_mF = _act_fwd(act, h_mN, scratch.get("a", m, Fh), w_n1 if Fh <= D else None)
-            o_out = None if pad > 1 else scratch.get("xo", n, D)  # x_nD is spent: its buffer takes the output
+            o_out = None if onednn else scratch.get("xo", n, D)  # x_nD is spent: its buffer takes the output
             o_mD = _seg_mm(a_mF, w_out_EDF, segs, o_out, transpose=True)
             if Fh > D:
                 o_mD[:n].mul_(w_n1)
@@ -194,14 +158,14 @@ class _GroupedFFN(torch.autograd.Function):
         # hs go through save_for_backward (not a ctx attribute) so autograd frees them
         # with the graph and a retain_graph=True backward can run twice (gradcheck does)
         ctx.save_for_backward(x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs)
-        ctx.chunks, ctx.act, ctx.num_experts, ctx.rows, ctx.pad = chunks, act, len(counts), rows, pad
+        ctx.chunks, ctx.act, ctx.rows, ctx.pad, ctx.onednn = chunks, act, rows, pad, onednn
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
         x_TD, w_in_END, w_out_EDF, weights_R, token_idx_R, *hs = ctx.saved_tensors
         act: Activation = ctx.act
-        pad = ctx.pad
+        pad, onednn = ctx.pad, ctx.onednn
         need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
         Fh = w_out_EDF.shape[2]
@@ -211,7 +175,9 @@ class _GroupedFFN(torch.autograd.Function):
         dw_out = grad_pool.empty_like(w_out_EDF) if need_wout else None
         dweights_R = x_TD.new_empty(weights_R.shape) if need_w else None
         # first write per expert is a plain product, later ones add: no zero-filled weight grads
-        touched_in, touched_out = [False] * ctx.num_experts, [False] * ctx.num_experts
+        # (counts may stop before the last experts: those get zero gradients too)
+        E = w_in_END.shape[0]
+        touched_in, touched_out = [False] * E, [False] * E
         w_R1 = weights_R.to(x_TD.dtype).unsqueeze(1)
         scratch = _Scratch(x_TD, _round_up(min(ctx.rows, max(1, token_idx_R.shape[0])), pad))
         for (r0, r1, segs), h_mN in zip(ctx.chunks, hs, strict=True):
@@ -219,16 +185,16 @@ class _GroupedFFN(torch.autograd.Function):
             m = _padded_rows(n, pad)
             dy_mD = scratch.gather("dy", dy_TD, tok, m)
             # dy · W_out: d(out)/d(a) before the weight
-            u_mF = _seg_mm(dy_mD, w_out_EDF, segs, None if pad > 1 else scratch.get("u", n, Fh), transpose=False)
+            u_mF = _seg_mm(dy_mD, w_out_EDF, segs, None if onednn else scratch.get("u", n, Fh), transpose=False)
             dh_mN, aw_mF, dw_n = _act_grads(act, h_mN, u_mF, w_n1, scratch, need_w, need_wout)
             if need_w:
                 dweights_R[r0:r1] = dw_n
             if need_wout:
-                _accumulate_wgrad(dw_out, dy_mD, aw_mF, segs, touched_out)
+                _accumulate_wgrad(dw_out, dy_mD, aw_mF, segs, touched_out, onednn)
             if need_win:
-                _accumulate_wgrad(dw_in, dh_mN, scratch.gather("x", x_TD, tok, m), segs, touched_in)
+                _accumulate_wgrad(dw_in, dh_mN, scratch.gather("x", x_TD, tok, m), segs, touched_in, onednn)
             if need_x:
-                dx_out = None if pad > 1 else scratch.get("dy", n, x_TD.shape[1])  # dy is spent
+                dx_out = None if onednn else scratch.get("dy", n, x_TD.shape[1])  # dy is spent
                 dx_mD = _seg_mm(dh_mN, w_in_END, segs, dx_out, transpose=False)
                 row_ops.index_add_(dx_TD, tok, dx_mD[:n])
         for g, touched in ((dw_in, touched_in), (dw_out, touched_out)):
@@ -236,7 +202,7 @@ class _GroupedFFN(torch.autograd.Function):
                 for e in (e for e, hit in enumerate(touched) if not hit):
                     g[e].zero_()
         dw = dweights_R.to(weights_R.dtype) if need_w else None
-        return dx_TD, dw_in, dw_out, dw, None, None, None, None
+        return dx_TD, dw_in, dw_out, dw, None, None, None, None, None
 
 
 def _round_up(n: int, step: int) -> int:
@@ -250,24 +216,35 @@ def _padded_rows(n: int, step: int) -> int:
     return n if n < step else _round_up(n, step)
 
 
-def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched):
+def _accumulate_wgrad(dw_E, left_nA, right_nB, segs, touched, onednn: bool):
     """dw_E[e] (A, B) += left[rows of e]ᵀ · right[rows of e] (all rows: padding is zero)."""
     one = len(segs) == 1
     for e, s, t in segs:
         left, right = (left_nA, right_nB) if one else (left_nA[s:t], right_nB[s:t])
-        if touched[e]:
-            gemm.addmm_(dw_E[e], left.t(), right)
+        if onednn:
+            prod = gemm.onednn_mm(left.t(), right)
+            dw_E[e].add_(prod) if touched[e] else dw_E[e].copy_(prod)
+        elif touched[e]:
+            dw_E[e].addmm_(left.t(), right)
         else:
-            gemm.mm(left.t(), right, out=dw_E[e])
-            touched[e] = True
+            torch.mm(left.t(), right, out=dw_E[e])
+        touched[e] = True
 
 
-def grouped_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_END: torch.Tensor,
-                    w_out_EDF: torch.Tensor, act: Activation) -> torch.Tensor:
-    counts = plan.counts_E.tolist()  # host copy: chunk boundaries are planned on the host
-    if decode.takes(x_TD, counts, w_in_END, w_out_EDF, plan.weights_R):
-        return decode.decode_experts(x_TD, plan, counts, w_in_END, w_out_EDF, act)
-    if by_expert.takes(x_TD, counts, w_in_END, w_out_EDF, act):
-        return by_expert.by_expert_experts(x_TD, plan, counts, w_in_END, w_out_EDF)
-    return _GroupedFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R,
-                             counts, act.name, torch.is_grad_enabled())
+def chunked_experts(x_TD: torch.Tensor, plan: DispatchPlan, counts: list[int], w_in_END: torch.Tensor,
+                    w_out_EDF: torch.Tensor, act: Activation, path: CpuPath) -> torch.Tensor:
+    return _ChunkedFFN.apply(x_TD, w_in_END, w_out_EDF, plan.weights_R, plan.token_idx_R, counts, act.name,
+                             torch.is_grad_enabled(), path)
+
+
+def forward_probe(products: str, dtype: torch.dtype, act: Activation, D: int, F: int, rows: int,
+                  pad: int, chunk_rows: int) -> Callable[[], object]:
+    """An inference forward of two experts of `rows` rows each (what ops/tune.py times)."""
+    g = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(2 * rows, D, generator=g).to(dtype)
+    w_in = (torch.randn(2, act.width_in(F), D, generator=g) * 0.02).to(dtype)
+    w_out = (torch.randn(2, D, F, generator=g) * 0.02).to(dtype)
+    tok_R, weights_R = torch.arange(2 * rows), torch.ones(2 * rows)
+    path = CpuPath(kernel="chunked", products=products, pad=pad, chunk_rows=chunk_rows)
+    return functools.partial(_ChunkedFFN.apply, x_TD, w_in, w_out, weights_R, tok_R, [rows, rows], act.name, False,
+                             path)

@@ -10,16 +10,16 @@ transposed columns, so it wants each expert's Wᵀ cut into panels, each contigu
 The panels of an expert follow each other; the kernel walks them in that order.
 
 The copy costs the experts' weights' memory once more (96 MiB for benchmarks/layer.py's
-`many` layer, 264 MiB for `fine`), so it is made only for weights that inference forwards meet unchanged a
-second time (a first forward, and every forward after the weights change, runs on the
-weights as they lie), and it is dropped when the weights change or a
-training forward runs (`forget`). MOEKIT_ROWS=0 turns the row path off.
+`many` layer, 264 MiB for `fine`), so it is made only when asked:
+`moekit.inference.prepare_for_inference(model)` (generation and serving call it) packs
+every bank whose path can use it. A packed copy records the weights' version counters
+and storage: once the weights change (an optimizer step, load_state_dict's copy_) it no
+longer matches, the bank drops it and runs on the weights as they lie.
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,15 +49,14 @@ def pack_out(w_out_EDF: torch.Tensor) -> torch.Tensor:
     return torch.cat(panels, dim=1).contiguous()
 
 
-@dataclass
-class _Entry:
-    owner: weakref.ref  # w_in
-    key: tuple
-    packed: tuple[torch.Tensor, torch.Tensor] | None = None
-    finalizer: weakref.finalize | None = field(default=None, repr=False)
+@dataclass(frozen=True)
+class Packed:
+    p_in: torch.Tensor  # (E, 2F·D)
+    p_out: torch.Tensor  # (E, F·D)
+    key: tuple  # the weights' storage, version counters and shapes when packed
 
-
-_CACHE: dict[int, _Entry] = {}
+    def matches(self, w_in_END: torch.Tensor, w_out_EDF: torch.Tensor) -> bool:
+        return self.key == _key(w_in_END, w_out_EDF)
 
 
 def _key(w_in: torch.Tensor, w_out: torch.Tensor) -> tuple:
@@ -67,27 +66,6 @@ def _key(w_in: torch.Tensor, w_out: torch.Tensor) -> tuple:
             tuple(w_out.shape))
 
 
-def packed(w_in_END: torch.Tensor, w_out_EDF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The packed (p_in, p_out) of these weights, or None the first time they are seen
-    as they are now (the caller then runs on the weights as they lie)."""
-    key = _key(w_in_END, w_out_EDF)
-    entry = _CACHE.get(id(w_in_END))
-    if entry is None or entry.owner() is not w_in_END:
-        entry = _Entry(weakref.ref(w_in_END), key)
-        entry.finalizer = weakref.finalize(w_in_END, _CACHE.pop, id(w_in_END), None)
-        _CACHE[id(w_in_END)] = entry
-        return None
-    if entry.key != key:
-        entry.key, entry.packed = key, None
-        return None
-    if entry.packed is None:
-        with torch.no_grad():
-            entry.packed = (pack_in(w_in_END.detach()), pack_out(w_out_EDF.detach()))
-    return entry.packed
-
-
-def forget(w_in_END: torch.Tensor) -> None:
-    """Drop the packed copy of these weights (a training forward: they are about to change)."""
-    entry = _CACHE.pop(id(w_in_END), None)
-    if entry is not None and entry.finalizer is not None:
-        entry.finalizer.detach()
+@torch.no_grad()
+def pack(w_in_END: torch.Tensor, w_out_EDF: torch.Tensor) -> Packed:
+    return Packed(pack_in(w_in_END.detach()), pack_out(w_out_EDF.detach()), _key(w_in_END, w_out_EDF))

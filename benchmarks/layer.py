@@ -2,15 +2,18 @@
 
     python benchmarks/layer.py [--config coarse|fine|many|decode|all] [--rounds N]
         [--impls moekit,qwen3-grouped_mm,...] [--no-mem] [--threads 2] [--clock wall|cpu]
+        [--dtype float32|bfloat16] [--smoke]
 
-What it times (torch.set_num_threads(2) unless --threads, fp32, CPU):
-  moekit        MoELayer: dropless, topk_softmax, swiglu, grouped backend (+ shared for fine)
+What it times (torch.set_num_threads(2) unless --threads, fp32 unless --dtype, CPU):
+  moekit        MoELayer: dropless, topk_softmax, swiglu, experts_impl "auto" (+ shared for
+                fine); decode steps on the layer prepared for inference, as generation does
   dense         a plain SwiGLU FFN (gate/up/down nn.Linear, torch's CPU kernel: MKL) of hidden
                 K·F + shared width, plus the router matmul (D -> E) whose logits also get a gradient
   dense-gemm    the same FFN on moekit.layers.Linear, i.e. on the GEMM kernel moekit's experts
                 use (ops/gemm.py: oneDNN on CPU). The limit is the faster of the two dense rows.
-  moekit-torchgemm  moekit with ops.gemm forced to torch's kernel (what the layer gains
-                without the kernel choice; at decode its experts still use the rowmv kernel)
+  moekit-torchgemm  moekit under settings gemm="torch" (torch's kernel for every product
+                moekit chooses one for)
+  moekit-grouped_mm moekit with experts_impl "grouped_mm" (torch's grouped GEMM)
   mixtral-*     transformers MixtralSparseMoeBlock, config._experts_implementation "eager"
                 or "grouped_mm" (on fine, plus a transformers Qwen2MoeMLP shared expert)
   qwen3-*       transformers Qwen3MoeSparseMoeBlock, same two implementations (same + shared)
@@ -34,6 +37,9 @@ are set to None before each call, so every call allocates them the same way).
 ratio = throughput / the limit's throughput in the same mode (the limit = the faster of dense
 and dense-gemm; 1.0 is the limit for an MoE layer).
 The machine may be shared: absolute times drift, interleaved ratios much less.
+--impls builds only the rows it names (and dense, moekit); a peer whose package is
+missing is skipped with a line saying so. --smoke runs every config at a tiny size,
+once (what CI runs to keep the script working; its numbers mean nothing).
 
 Allocator: the timing process first sets glibc's malloc thresholds as `moekit train` does
 (training/heap.py), for every implementation alike; --glibc-heap keeps glibc's defaults.
@@ -67,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -79,7 +86,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit.inference import prepare_for_inference
 from moekit.ops import grad_pool
+from moekit.ops.tune import cpu_name
 from moekit.training import keep_freed_memory
 
 THREADS = 2
@@ -103,6 +112,12 @@ CONFIGS = {
     "fine": Shape(d=1024, E=64, k=8, F=352, T=4096, shared_F=704),
     "many": Shape(d=512, E=128, k=4, F=128, T=8192),
 }
+SMOKE = {  # --smoke: the same kinds of layer, small enough for CI
+    "coarse": Shape(d=64, E=8, k=2, F=128, T=256),
+    "fine": Shape(d=64, E=16, k=4, F=32, T=256, shared_F=64),
+    "many": Shape(d=64, E=32, k=4, F=16, T=512),
+}
+DTYPE = torch.float32  # --dtype
 
 
 # ----------------------------------------------------------------------------- builders
@@ -132,21 +147,21 @@ class Dense(nn.Module):
 
 
 class MoekitLayer(nn.Module):
-    def __init__(self, s: Shape, gemm_backend: str | None = None) -> None:
+    def __init__(self, s: Shape, gemm: str | None = None, impl: str = "auto") -> None:
         super().__init__()
-        self.gemm_backend = gemm_backend
+        self.gemm = gemm
         from moekit import MoEConfig, MoELayer
 
         cfg = MoEConfig(d_model=s.d, num_experts=s.E, top_k=s.k, d_ff=s.F, router="topk_softmax",
-                        dispatch="dropless", expert="swiglu", expert_backend="grouped",
+                        dispatch="dropless", expert="swiglu", experts_impl=impl,
                         num_shared_experts=1 if s.shared_F else 0, shared_d_ff=s.shared_F or None)
         self.layer = MoELayer(cfg)
         nn.init.normal_(self.layer.router.weight, std=s.d ** -0.5)
 
     def forward(self, x):
-        from moekit.ops import gemm
+        from moekit import settings
 
-        with contextlib.nullcontext() if self.gemm_backend is None else gemm.backend(self.gemm_backend):
+        with contextlib.nullcontext() if self.gemm is None else settings.use(gemm=self.gemm):
             return self.layer(x).y
 
 
@@ -258,25 +273,35 @@ def parse_with_config(ap: argparse.ArgumentParser, default: str, choices: list[s
 
 
 def build_all(s: Shape, names: list[str] | None = None, seed: int = 0) -> dict[str, nn.Module]:
-    """dense and moekit always; the peers whose shapes fit; `names` keeps only those."""
+    """dense and moekit always; the peers whose shapes fit, only those in `names` if given
+    (a peer whose package is missing is skipped with a line saying so)."""
     torch.manual_seed(seed)
     ref = MoekitLayer(s)
     from moekit.layers import Linear
 
+    wanted = (lambda n: True) if names is None else (lambda n: n in names or n in ALWAYS)
     mods: dict[str, nn.Module] = {"dense": Dense(s), "dense-gemm": Dense(s, Linear), "moekit": ref}
-    twin = MoekitLayer(s, gemm_backend="torch")
-    twin.load_state_dict(ref.state_dict())
-    mods["moekit-torchgemm"] = twin
+    builders = {"moekit-torchgemm": lambda: MoekitLayer(s, gemm="torch"),
+                "moekit-grouped_mm": lambda: MoekitLayer(s, impl="grouped_mm")}
     for kind in ("mixtral", "qwen3") + (("qwen2",) if s.shared_F else ()):
         for impl in ("eager", "grouped_mm"):
-            mods[f"{kind}-{impl}"] = build_transformers(kind, impl, s, ref)
+            builders[f"{kind}-{impl}"] = functools.partial(build_transformers, kind, impl, s, ref)
     if s.k == 2 and not s.shared_F:
-        mods["lucidrains"] = Lucidrains(s)
+        builders["lucidrains"] = functools.partial(Lucidrains, s)
     if s.k >= 2 and not s.shared_F:  # st-moe has no shared expert
-        mods["st-moe"] = STMoE(s)
-    if names is not None:
-        mods = {n: m for n, m in mods.items() if n in names or n in ALWAYS}
-    return mods
+        builders["st-moe"] = functools.partial(STMoE, s)
+    for name, build in builders.items():
+        if not wanted(name):
+            continue
+        try:
+            mods[name] = build()
+        except ImportError as e:
+            print(f"(skipping {name}: {e})", file=sys.stderr)
+    if "moekit-torchgemm" in mods:
+        mods["moekit-torchgemm"].load_state_dict(ref.state_dict())
+    if "moekit-grouped_mm" in mods:
+        mods["moekit-grouped_mm"].load_state_dict(ref.state_dict())
+    return {n: m.to(DTYPE) for n, m in mods.items()}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -341,7 +366,7 @@ def check_outputs(mods: dict[str, nn.Module], x: torch.Tensor) -> str:
 def bench_config(name: str, rounds: int, mem: bool, only: list[str] | None) -> None:
     s = CONFIGS[name]
     mods = build_all(s, only)
-    x = torch.randn(s.T // SEQ, SEQ, s.d)
+    x = torch.randn(max(1, s.T // SEQ), min(SEQ, s.T), s.d, dtype=DTYPE)
     print(f"\n== {name}: d={s.d} E={s.E} k={s.k} F={s.F}"
           + (f" shared F={s.shared_F}" if s.shared_F else "") + f" T={s.T}  (threads="
           f"{torch.get_num_threads()}, clock {CLOCK.__name__}, median of {rounds} interleaved rounds)")
@@ -386,7 +411,7 @@ def peak_memory_child(name: str, impl: str) -> float:
     """In a fresh process: MiB of peak RSS growth of one fwd+bwd (see module docstring)."""
     s = CONFIGS[name]
     m = build_all(s, [impl])[impl]
-    x = torch.randn(s.T // SEQ, SEQ, s.d, requires_grad=True)
+    x = torch.randn(max(1, s.T // SEQ), min(SEQ, s.T), s.d, dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(x)
     step = make_step(m, x, dy)
     step()
@@ -406,7 +431,7 @@ def peak_memory_all(name: str, impls: list[str]) -> dict[str, float]:
     out = {}
     for impl in impls:
         cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(torch.get_num_threads()),
-               "--_peak", name, impl]
+               "--dtype", str(DTYPE)[6:], "--_peak", name, impl]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"peak memory of {impl} failed: {r.stderr.strip()[-300:]}")
@@ -441,12 +466,13 @@ def bench_decode(rounds: int, only: list[str] | None) -> None:
     print(f"{'config':7s} {'T':>2s} {'impl':22s} {'ms':>8s} {'ratio':>6s}")
     for name in ("coarse", "fine"):
         s = CONFIGS[name]
-        # eval mode, as inference runs (moekit's one-kernel decode step, moe/decode_step.py,
-        # would also run in training mode here: no jitter, no expert dropout)
+        # eval mode and prepared for inference, as generation runs a model
         mods = {n: m.eval() for n, m in build_all(s, only).items()}
         others = {n: m.eval() for n, m in build_all(s, only, seed=1).items()}  # a second layer of each kind: see the docstring
+        for m in (*mods.values(), *others.values()):
+            prepare_for_inference(m)
         for T in (1, 8):
-            x = torch.randn(1, T, s.d)
+            x = torch.randn(1, T, s.d, dtype=DTYPE)
             read, n_used, nbytes = active_weight_reader(mods["moekit"], x.reshape(T, s.d))
             steps = {n: make_step(m, x, None) for n, m in mods.items()}
             steps["weight-read"] = read
@@ -472,17 +498,23 @@ def main() -> None:
                     help="cpu = process CPU time: robust on a busy machine, but only with --threads 1")
     ap.add_argument("--glibc-heap", action="store_true",
                     help="keep glibc's default malloc thresholds (see 'Allocator' above)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one round (CI keeps the script working)")
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    global CLOCK
+    global CLOCK, DTYPE
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    DTYPE = getattr(torch, a.dtype)
+    if a.smoke:
+        CONFIGS.update(SMOKE)
+        a.rounds, a.no_mem = 1, True
     torch.set_num_threads(a.threads)
     if a._peak:
         print(json.dumps(peak_memory_child(*a._peak)))
         return
     kept = False if a.glibc_heap else keep_freed_memory()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, "
-          f"freed memory kept (training/heap.py): {kept}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.dtype}, "
+          f"freed memory kept (training/heap.py): {kept}, CPU: {cpu_name()}")
     only = a.impls.split(",") if a.impls else None
     names = list(CONFIGS) if a.config == "all" else [a.config] if a.config in CONFIGS else []
     for name in names:

@@ -98,7 +98,7 @@ def _save(path: Path, key: str, won: str, times: dict[str, float]) -> None:
             data = {}
         choices = data.setdefault("choices", {})
         choices[key] = {"won": won, "seconds": {k: round(v, 7) for k, v in times.items()}}
-        data["cpu"] = _cpu_name()
+        data["cpu"] = cpu_name()
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
@@ -106,7 +106,7 @@ def _save(path: Path, key: str, won: str, times: dict[str, float]) -> None:
         pass
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith("model name"):

@@ -26,7 +26,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
 FAMILIES = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    # sliding window 4 (prompt + 16 tokens go past it)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
     # shared expert with a sigmoid gate, top-k weights not renormalised, q/k/v biases
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                       shared_expert_intermediate_size=16, norm_topk_prob=False),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from moekit.models.attention_mla import LatentKVCache
 from moekit.models.hf.config import HFLMConfig
-from moekit.models.hf.gpt_oss import ClampedSwiGLUExperts
-from moekit.models.hf.llama4 import PrescaledSwiGLUExperts
+from moekit.models.hf.families.gpt_oss import ClampedSwiGLUExperts
+from moekit.models.hf.families.llama4 import PrescaledSwiGLUExperts
 from moekit.models.hf.rope import HFRotary
 from moekit.models.kv_cache import KVCache
 from moekit.models.lm import MoELM

@@ -3,7 +3,7 @@
 One `Recipe` per moekit tensor says how it is made from HF tensors and back:
 
     copy        one HF tensor, optionally transformed  (attention, norms, router, embeddings;
-                GPT-OSS experts: transposed and/or de-interleaved, see hf/gpt_oss.py)
+                GPT-OSS experts: transposed and/or de-interleaved, see families/gpt_oss.py)
     cat         [gate; up] along dim 0                 (dense and shared FFN w_in)
     stack       E per-expert tensors stacked           (expert w_out from down_proj)
     stack_cat   E per-expert [gate; up], stacked       (expert w_in)
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.models.hf.families import FAMILIES
-from moekit.models.hf.gpt_oss import deinterleave, interleave
+from moekit.models.hf.families import HF_FAMILIES
+from moekit.models.hf.families.gpt_oss import deinterleave, interleave
 
 # transform: (HF -> moekit, moekit -> HF)
 TRANSFORMS = {
@@ -40,7 +40,7 @@ class Recipe:
 
 
 def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
-    n = FAMILIES.get(family).names
+    n = HF_FAMILIES.get(family).names
     moe = f"{pre}.{n.moe}"
     g, u, d = n.expert
     if rest == "attn_norm.weight":

@@ -35,6 +35,10 @@ SHAPES = {
     "deepseek_v3": dict(BASE, **MLA, n_routed_experts=16),  # 8 groups (its default) of 2
     "gpt_oss": dict(BASE, num_local_experts=4, num_experts_per_tok=2),
     "llama4_text": dict(BASE, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=40),
+    "llama": BASE,
+    "mistral": BASE,
+    "qwen2": dict(BASE, num_attention_heads=32),  # 32 default kv heads
+    "qwen3": dict(BASE, num_attention_heads=32),
 }
 
 

@@ -1,9 +1,10 @@
-"""HF checkpoints of each MoE family load into moekit's own model and match transformers.
+"""HF checkpoints of each family load into moekit's own model and match transformers.
 
-For each family a tiny random model (2 layers, d=32) is built by transformers with
-every listed feature switched on, saved with save_pretrained, and loaded with
-moekit.from_pretrained. Checked: logits (<= 1e-4), 16 greedy tokens, the experts
-chosen per layer, and the way back (moekit save_pretrained -> transformers).
+For each family (the MoE ones, and the dense ones upcycling starts from) a tiny random
+model (2 layers, d=32) is built by transformers with every listed feature switched on,
+saved with save_pretrained, and loaded with moekit.from_pretrained. Checked: logits
+(<= 1e-4), 16 greedy tokens, the experts chosen per layer (MoE families), and the way
+back (moekit save_pretrained -> transformers).
 """
 
 from __future__ import annotations
@@ -69,6 +70,23 @@ FAMILIES = {
                                              low_freq_factor=1.0, high_freq_factor=4.0,
                                              original_max_position_embeddings=16)),
 }
+# dense families: an MoELM whose FFNs are all dense
+DENSE = {
+    # q/k/v/o biases, head_dim (16) != hidden/heads (8), llama3 RoPE scaling
+    "llama": dict(attention_bias=True, head_dim=16,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16)),
+    # sliding window 4 on every layer (prompt + 16 tokens go past it)
+    "mistral": dict(sliding_window=4, head_dim=16),
+    # q/k/v biases, tied embeddings, sliding window 4 from layer 1 on
+    "qwen2": dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+                  max_window_layers=1),
+    # per-head q/k RMSNorm, head_dim 16, q/k/v/o biases
+    "qwen3": dict(head_dim=16, attention_bias=True),
+}
+FAMILIES.update(DENSE)
+MOE = sorted(set(FAMILIES) - set(DENSE))
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -160,6 +178,7 @@ def _capture_hf(hf) -> list[torch.Tensor]:
     return out, hooks
 
 
+@pytest.mark.parametrize("pair", MOE, indirect=True)
 def test_expert_choices_match_transformers(pair):
     family, _, hf, mk = pair
     ids = _ids()
@@ -207,6 +226,31 @@ def test_sharded_save_reloads(pair, tmp_path):
         assert torch.equal(again(ids).logits, mk(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_gelu_ffns_match_transformers(family, tmp_path):
+    """hidden_act "gelu": the dense FFNs and the experts run as GeGLU (exact erf GELU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family], "hidden_act": "gelu"})
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)
+    mk = moekit.from_pretrained(tmp_path)
+    assert all(layer.cfg.expert == "geglu" for layer in mk.moe_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(mk(_ids()).logits, hf(_ids()).logits, atol=1e-4, rtol=0)
+
+
+def test_transformers_sharded_checkpoint_loads(pair, tmp_path):
+    family, _, hf, mk = pair
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    again = moekit.from_pretrained(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, mk(ids).logits)
+
+
 def _read_all(folder):
     from moekit.models.hf.loader import _open, weight_files
 
@@ -221,7 +265,7 @@ def test_pieces_equal_assemble(pair):
 
     family, folder, _, mk = pair
     hf_sd = _read_all(folder)
-    E = mk.cfg.moe.num_experts
+    E = mk.cfg.moe.num_experts if mk.cfg.moe is not None else 0
     for name, t in mk.state_dict().items():
         if name == "head.weight" and mk.cfg.tie_embeddings:
             continue
@@ -298,8 +342,8 @@ def test_truncated_safetensors(mixtral_dir, tmp_path):
 def test_unknown_model_type(mixtral_dir, tmp_path):
     d = _copy(mixtral_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported; valid: .*mixtral"):
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported; valid: .*mixtral"):
         moekit.from_pretrained(d)
 
 

@@ -7,7 +7,8 @@
                   and the family's own experts or block interop where it has them
 
 Loaded and saved (moekit.from_pretrained): mixtral, qwen2_moe, qwen3_moe, olmoe,
-deepseek_v2, deepseek_v3, kimi_k2, gpt_oss, llama4_text. Counted only (moekit inspect):
+deepseek_v2, deepseek_v3, kimi_k2, gpt_oss, llama4_text, and the dense llama, mistral,
+qwen2, qwen3 (an MoELM whose FFNs are all dense). Counted only (moekit inspect):
 llama4 (multimodal), dbrx, grok-1, phimoe, jetmoe, switch_transformers.
 """
 
@@ -20,11 +21,15 @@ from moekit.models.hf.families import (  # noqa: F401  (imported to register)
     gpt_oss,
     grok1,
     jetmoe,
+    llama,
     llama4,
+    mistral,
     mixtral,
     olmoe,
     phimoe,
+    qwen2,
     qwen2_moe,
+    qwen3,
     qwen3_moe,
     switch,
 )

@@ -112,17 +112,31 @@ def base_fields(hf: dict, max_seq_len: int | None, window: bool = False, **kw) -
     max_seq_len = max_seq_len or min(get(hf, "max_position_embeddings", required=True), 32768)
     refuse(hf, "sliding_window", lambda v: window or not hf.get("use_sliding_window", True) or
            v >= max_seq_len, "sliding-window attention is not implemented for this family")
-    n_heads = get(hf, "num_attention_heads", required=True)
+    n_heads, d_model = get(hf, "num_attention_heads", required=True), get(hf, "hidden_size", required=True)
     fields = dict(
-        vocab_size=get(hf, "vocab_size", required=True), d_model=get(hf, "hidden_size", required=True),
+        vocab_size=get(hf, "vocab_size", required=True), d_model=d_model,
         n_layers=get(hf, "num_hidden_layers", required=True), n_heads=n_heads,
-        n_kv_heads=get(hf, "num_key_value_heads", n_heads), head_dim=hf.get("head_dim"),
+        n_kv_heads=get(hf, "num_key_value_heads", n_heads), head_dim=get(hf, "head_dim", d_model // n_heads),
         max_seq_len=max_seq_len, rope_theta=theta, rope=rope,
         norm_eps=get(hf, "rms_norm_eps", required=True),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="hf_gqa",
         dense_d_ff=get(hf, "intermediate_size", required=True), ffn_kind=ffn_kind(hf),
         hf_config=dict(hf))
     return {**fields, **kw}
+
+
+def layer_windows(hf: dict) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) of the Qwen2/Qwen3 families: the window applies only
+    with use_sliding_window, on the layers layer_types marks (by default, as transformers
+    sets it, the layers from max_window_layers on)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    if window is None:
+        return None, None
+    n = get(hf, "num_hidden_layers", required=True)
+    first = get(hf, "max_window_layers", 0)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                      for i in range(n)]
+    return window, tuple(types)
 
 
 def aux_loss_coef(hf: dict) -> float:

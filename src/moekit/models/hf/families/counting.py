@@ -49,3 +49,19 @@ def heads(cfg: dict) -> tuple[int, int, int, int]:
     d, h = req(cfg, "hidden_size"), req(cfg, "num_attention_heads")
     kv = cfg.get("num_key_value_heads") or h
     return d, h, kv, cfg.get("head_dim") or d // h
+
+
+def dense_decoder(cfg: dict, qkv_bias: bool, o_bias: bool, head_norm: bool = False,
+                  mlp_bias: bool = False, windows: list | None = None) -> Tally:
+    """A dense decoder (Llama, Mistral, Qwen2, Qwen3): GQA, SwiGLU MLP, two RMSNorms per
+    layer (+ q/k RMSNorm per head), final norm, embedding and head."""
+    t = Tally()
+    d, h, kv, hd = heads(cfg)
+    f = req(cfg, "intermediate_size")
+    for i in range(req(cfg, "num_hidden_layers")):
+        gqa(t, d, h, kv, hd, qkv_bias, o_bias, windows[i] if windows else None)
+        t.add("norms", 2 * d + (2 * hd if head_norm else 0), matmul=False)
+        t.add("dense_mlp", 3 * d * f + (2 * f + d) * mlp_bias)
+    t.add("norms", d, matmul=False)
+    embed(t, cfg, d)
+    return t

@@ -26,6 +26,7 @@ from moekit.models.hf.families.base import (
     base_fields,
     get,
     moe_config,
+    refuse,
     with_defaults,
 )
 from moekit.models.hf.families.counting import embed, gqa, heads, req, routed
@@ -50,6 +51,7 @@ def _layer_types(hf: dict) -> list[str]:
 
 def build(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
     hf = with_defaults(hf, DEFAULTS)
+    refuse(hf, "hidden_act", lambda v: v == "silu", "this family's experts are SiLU-gated")
     # router: top-k of the biased logits, softmax over those k
     moe = moe_config(hf, "num_local_experts", get(hf, "intermediate_size", required=True),
                      softmax_order="after", router_bias=True)

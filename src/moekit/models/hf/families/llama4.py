@@ -51,6 +51,7 @@ def _rope_layers(hf: dict, n: int) -> list[int]:
 
 def build(hf: dict, max_seq_len: int | None = None) -> HFLMConfig:
     hf = with_defaults(hf, DEFAULTS)
+    refuse(hf, "hidden_act", lambda v: v == "silu", "this family's experts are SiLU-gated")
     n = get(hf, "num_hidden_layers", required=True)
     step = get(hf, "interleave_moe_layer_step", 1)
     refuse(hf, "moe_layers", lambda v: list(v) == list(range(step - 1, n, step)),

@@ -1,14 +1,16 @@
-"""HF checkpoints of each MoE family load into moekit's own model and match transformers.
+"""HF checkpoints of each family load into moekit's own model and match transformers.
 
-For each family a tiny random model (2 layers, d=32) is built by transformers with
-every listed feature switched on, saved with save_pretrained, and loaded with
-moekit.from_pretrained. Checked: logits (<= 1e-4), 16 greedy tokens, the experts
-chosen per layer, and the way back (moekit save_pretrained -> transformers).
+For each family (the MoE ones, and the dense ones upcycling starts from) a tiny random
+model (2 layers, d=32) is built by transformers with every listed feature switched on,
+saved with save_pretrained, and loaded with moekit.from_pretrained. Checked: logits
+(<= 1e-4), 16 greedy tokens, the experts chosen per layer (MoE families), and the way
+back (moekit save_pretrained -> transformers).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -26,7 +28,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
 FAMILIES = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    # sliding window 4 (prompt + 16 tokens go past it)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
     # shared expert with a sigmoid gate, top-k weights not renormalised, q/k/v biases
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                       shared_expert_intermediate_size=16, norm_topk_prob=False),
@@ -67,6 +70,23 @@ FAMILIES = {
                                              low_freq_factor=1.0, high_freq_factor=4.0,
                                              original_max_position_embeddings=16)),
 }
+# dense families: an MoELM whose FFNs are all dense
+DENSE = {
+    # q/k/v/o biases, head_dim (16) != hidden/heads (8), llama3 RoPE scaling
+    "llama": dict(attention_bias=True, head_dim=16,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16)),
+    # sliding window 4 on every layer (prompt + 16 tokens go past it)
+    "mistral": dict(sliding_window=4, head_dim=16),
+    # q/k/v biases, tied embeddings, sliding window 4 from layer 1 on
+    "qwen2": dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+                  max_window_layers=1),
+    # per-head q/k RMSNorm, head_dim 16, q/k/v/o biases
+    "qwen3": dict(head_dim=16, attention_bias=True),
+}
+FAMILIES.update(DENSE)
+MOE = sorted(set(FAMILIES) - set(DENSE))
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -121,6 +141,26 @@ def test_greedy_tokens_match_transformers(pair):
     assert got.tolist() == want.tolist()
 
 
+# mean |logit - fp32 logit| / mean |fp32 logit| at most: about twice the worst of the 8
+# families here (bf16 0.028, fp16 0.0032); bf16 can flip a near-tied expert choice, so the
+# max error is not bounded as tightly
+HALF_TOL = {torch.bfloat16: 0.06, torch.float16: 0.008}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_TOL, key=str), ids=str)
+def test_half_precision_close_to_fp32(pair, dtype):
+    family, folder, _, mk = pair
+    half = moekit.from_pretrained(folder, dtype=dtype)
+    ids = _ids()
+    with torch.no_grad():
+        want, got = mk(ids).logits, half(ids).logits
+    assert got.dtype == dtype and half.embed.weight.dtype == dtype
+    err = (got.float() - want).abs().mean() / want.abs().mean()
+    assert err <= HALF_TOL[dtype], f"{family} {dtype}: relative mean error {err:.4f}"
+    out = generate(half, _ids(batch=1, seq=5), 4, temperature=0.0)  # the KV-cache path too
+    assert out.shape == (1, 9)
+
+
 def _hf_choice(out) -> torch.Tensor:
     """Expert ids chosen by an HF router: (logits, weights, ids), or Llama 4's
     (scores (T, E) with 0 where not chosen, logits)."""
@@ -138,6 +178,7 @@ def _capture_hf(hf) -> list[torch.Tensor]:
     return out, hooks
 
 
+@pytest.mark.parametrize("pair", MOE, indirect=True)
 def test_expert_choices_match_transformers(pair):
     family, _, hf, mk = pair
     ids = _ids()
@@ -185,6 +226,77 @@ def test_sharded_save_reloads(pair, tmp_path):
         assert torch.equal(again(ids).logits, mk(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_gelu_ffns_match_transformers(family, tmp_path):
+    """hidden_act "gelu": the dense FFNs and the experts run as GeGLU (exact erf GELU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family], "hidden_act": "gelu"})
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)
+    mk = moekit.from_pretrained(tmp_path)
+    assert all(layer.cfg.expert == "geglu" for layer in mk.moe_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(mk(_ids()).logits, hf(_ids()).logits, atol=1e-4, rtol=0)
+
+
+def test_transformers_sharded_checkpoint_loads(pair, tmp_path):
+    family, _, hf, mk = pair
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    again = moekit.from_pretrained(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, mk(ids).logits)
+
+
+def _read_all(folder):
+    from moekit.models.hf.loader import _open, weight_files
+
+    files = weight_files(folder)
+    return {n: _open(f).get_tensor(n) for n, f in files.items()}
+
+
+def test_pieces_equal_assemble(pair):
+    """The loader copies each piece from its file into place (weights.pieces);
+    weights.assemble, which builds the whole tensor, is the reference."""
+    from moekit.models.hf.weights import assemble, recipe
+
+    family, folder, _, mk = pair
+    hf_sd = _read_all(folder)
+    E = mk.cfg.moe.num_experts if mk.cfg.moe is not None else 0
+    for name, t in mk.state_dict().items():
+        if name == "head.weight" and mk.cfg.tie_embeddings:
+            continue
+        want = assemble(recipe(name, mk.cfg.family, E), hf_sd.__getitem__)
+        assert torch.equal(t, want.to(t.dtype)), name
+
+
+@pytest.mark.parametrize("pair", ["qwen3_moe"], indirect=True)  # one per-expert family
+def test_fused_experts_layout_loads(pair, tmp_path):
+    """A folder with fused experts (experts.gate_up_proj (E, 2F, D), experts.down_proj
+    (E, D, F)) loads as the per-expert one does."""
+    from safetensors.torch import save_file
+
+    family, folder, _, mk = pair
+    sd, fused = _read_all(folder), {}
+    for name, t in sd.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+        if m is None:
+            fused[name] = t
+    for i in range(mk.cfg.n_layers):
+        pre, E = f"model.layers.{i}.mlp.experts", mk.cfg.moe.num_experts
+        fused[f"{pre}.gate_up_proj"] = torch.stack([torch.cat(
+            [sd[f"{pre}.{e}.gate_proj.weight"], sd[f"{pre}.{e}.up_proj.weight"]]) for e in range(E)])
+        fused[f"{pre}.down_proj"] = torch.stack([sd[f"{pre}.{e}.down_proj.weight"] for e in range(E)])
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    save_file(fused, tmp_path / "model.safetensors")
+    again = moekit.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(again.state_dict().items(), mk.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 # ---- bad inputs: each names what is wrong ----
 
 @pytest.fixture
@@ -230,8 +342,8 @@ def test_truncated_safetensors(mixtral_dir, tmp_path):
 def test_unknown_model_type(mixtral_dir, tmp_path):
     d = _copy(mixtral_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported; valid: .*mixtral"):
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported; valid: .*mixtral"):
         moekit.from_pretrained(d)
 
 

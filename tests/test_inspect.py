@@ -116,8 +116,8 @@ def test_tied_embedding_is_still_the_unembedding():
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(ValueError, match="unknown model_type 'llama'.*mixtral.*qwen3_moe"):
-        count_parameters({"model_type": "llama"})
+    with pytest.raises(ValueError, match="unknown model_type 'bert'.*mixtral.*qwen3_moe"):
+        count_parameters({"model_type": "bert"})
 
 
 def test_missing_field_is_named():
@@ -157,6 +157,10 @@ HF_TINY = {
     "dbrx": dict(d_model=32, n_heads=4, n_layers=2, vocab_size=50,
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0), ffn_config=dict(ffn_hidden_size=24,
                                                                  moe_num_experts=4, moe_top_k=2)),
+    "llama": dict(TINY, attention_bias=True, mlp_bias=True, head_dim=16),
+    "mistral": dict(TINY, sliding_window=4),
+    "qwen2": dict(TINY, tie_word_embeddings=True),
+    "qwen3": dict(TINY, attention_bias=True, head_dim=16),
     "switch_transformers": dict(d_model=32, d_kv=8, d_ff=24, num_heads=4, num_layers=4,
                                 num_decoder_layers=4, num_experts=4, vocab_size=50,
                                 encoder_sparse_step=2, decoder_sparse_step=2),

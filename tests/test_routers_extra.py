@@ -335,3 +335,19 @@ def test_dts_draws_gumbel_noise_only_in_training():
     assert not torch.equal(w[0], w[1])
     layer.eval()
     assert torch.equal(layer.router(x).weights_TK, layer.router(x).weights_TK)
+
+
+def test_every_router_registers_with_moekit_moe_alone():
+    """A config naming an HF family's router builds without importing moekit.models
+    (a fresh interpreter: this test process has imported everything already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moekit.moe as m; from moekit.moe.router import ROUTERS; "
+            "assert 'moekit.models' not in sys.modules; "
+            "print(' '.join(ROUTERS.names())); "
+            "m.MoEConfig(router='softmax_group_limited', d_model=8, d_ff=8); "
+            "m.MoEConfig(router='topk_sigmoid_plain', d_model=8, d_ff=8)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert {"softmax_group_limited", "topk_sigmoid_plain"} <= set(out.stdout.split())

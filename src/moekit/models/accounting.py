@@ -1,7 +1,7 @@
 """Parameter accounting from a config alone: total, active per token, memory, FLOPs.
 
-No weights are read and no model is built: every family in
-`accounting_families.py` counts its modules analytically (weights, biases, norms,
+No weights are read and no model is built: every family file in
+`models/hf/families/` counts its modules analytically (weights, biases, norms,
 sinks) the way the reference implementation lays them out, so the numbers equal
 `sum(p.numel() for p in model.parameters())` of transformers' model (buffers such
 as DeepSeek-V3's `e_score_correction_bias` are not parameters and are not counted).
@@ -155,19 +155,18 @@ def count_parameters(config: dict, context_len: int = 4096) -> ParamReport:
     """Count a model's parameters from its HF `config.json` dict (or a vendor
     config we recognise, e.g. Grok-1's). Unknown model types raise ValueError
     listing the supported ones."""
-    from moekit.models.accounting_families import FAMILIES, family_of
+    from moekit.models.hf.families import family_of
 
     if context_len < 1:
         raise ValueError(f"context_len={context_len} is not allowed; need >= 1")
     model_type, family = family_of(config)
-    tally = FAMILIES.get(family)(config)
-    return build_report(model_type, family, tally, context_len)
+    return build_report(model_type, family.name, family.count(config), context_len)
 
 
 def supported_model_types() -> list[str]:
-    from moekit.models.accounting_families import MODEL_TYPES
+    from moekit.models.hf.families import HF_FAMILIES
 
-    return sorted(MODEL_TYPES)
+    return HF_FAMILIES.names()
 
 
 def format_report(r: ParamReport) -> str:

@@ -73,7 +73,10 @@ class HFGroupedQueryAttention(GroupedQueryAttention):
         if self.temperature is not None:  # NoPE layers: q scaled up with log position
             floor, scale = self.temperature
             pos_S = torch.arange(start, start + q_BHSd.shape[2], device=q_BHSd.device).float()
-            q_BHSd = q_BHSd * (torch.log1p(torch.floor((pos_S + 1.0) / floor)) * scale + 1.0)[:, None]
+            scale_S1 = (torch.log1p(torch.floor((pos_S + 1.0) / floor)) * scale + 1.0)[:, None]
+            # the product in fp32, back in q's dtype (as transformers does): a bf16 or fp16 q
+            # must not become fp32 beside a half-precision k
+            q_BHSd = (q_BHSd * scale_S1).to(q_BHSd.dtype)
         return q_BHSd, k_BGSd
 
     def forward(self, x_BSD, rope, kv_cache=None):

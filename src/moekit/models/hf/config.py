@@ -21,7 +21,7 @@ def _bad(name: str, value: Any, allowed: str) -> ValueError:
 
 @dataclass(frozen=True)
 class HFLMConfig(LMConfig):
-    family: str = "mixtral"  # key in moekit.models.hf.families.FAMILIES
+    family: str = "mixtral"  # model_type in moekit.models.hf.families.HF_FAMILIES
     hf_config: dict[str, Any] = field(default_factory=dict)  # the config.json, kept for saving
     qkv_bias: bool = False  # Qwen2-MoE, GPT-OSS
     o_bias: bool = False  # GPT-OSS
@@ -36,8 +36,8 @@ class HFLMConfig(LMConfig):
     attention_chunk: int | None = None  # Llama 4: chunked layers attend within blocks of this size
     rope_layers: tuple[int, ...] | None = None  # Llama 4: 0 = NoPE layer; None = RoPE everywhere
     temperature_tuning: tuple[float, float] | None = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
-    prescale_experts: bool = False  # Llama 4: experts see score·x (hf/llama4.py)
-    swiglu_limit: float | None = None  # GPT-OSS experts: clamped SwiGLU (hf/gpt_oss.py)
+    prescale_experts: bool = False  # Llama 4: experts see score·x (families/llama4.py)
+    swiglu_limit: float | None = None  # GPT-OSS experts: clamped SwiGLU (families/gpt_oss.py)
     swiglu_alpha: float = 1.702
     # RoPE: {"rope_type": "default"|"yarn", "factor", "beta_fast", "beta_slow",
     # "original_max_position_embeddings", "mscale", "mscale_all_dim", "truncate", ...}

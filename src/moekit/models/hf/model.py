@@ -11,8 +11,8 @@ from pathlib import Path
 
 from moekit.models.attention_mla import LatentKVCache
 from moekit.models.hf.config import HFLMConfig
-from moekit.models.hf.gpt_oss import ClampedSwiGLUExperts
-from moekit.models.hf.llama4 import PrescaledSwiGLUExperts
+from moekit.models.hf.families.gpt_oss import ClampedSwiGLUExperts
+from moekit.models.hf.families.llama4 import PrescaledSwiGLUExperts
 from moekit.models.hf.rope import HFRotary
 from moekit.models.kv_cache import KVCache
 from moekit.models.lm import MoELM
@@ -22,7 +22,7 @@ class HFMoELM(MoELM):
     def __init__(self, cfg: HFLMConfig) -> None:
         super().__init__(cfg)
         # YaRN tables (and MLA's rope_dim = head_size) replace the plain RoPE tables
-        self.rope = HFRotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope)
+        self.rope = self.rope_tables()
         if cfg.prescale_experts:  # Llama 4: experts see score·x
             for layer in self.moe_layers():
                 m = layer.cfg
@@ -32,6 +32,12 @@ class HFMoELM(MoELM):
                 m = layer.cfg
                 layer.experts = ClampedSwiGLUExperts(m.num_experts, m.d_model, m.d_ff, cfg.swiglu_limit,
                                                      cfg.swiglu_alpha, m.init_std)
+
+    def rope_tables(self) -> HFRotary:
+        """The RoPE tables: buffers computed from the config, not weights (a model built
+        on the meta device builds them again on its device)."""
+        cfg = self.cfg
+        return HFRotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         if self.cfg.attention != "mla":

@@ -3,7 +3,7 @@
 One `Recipe` per moekit tensor says how it is made from HF tensors and back:
 
     copy        one HF tensor, optionally transformed  (attention, norms, router, embeddings;
-                GPT-OSS experts: transposed and/or de-interleaved, see hf/gpt_oss.py)
+                GPT-OSS experts: transposed and/or de-interleaved, see families/gpt_oss.py)
     cat         [gate; up] along dim 0                 (dense and shared FFN w_in)
     stack       E per-expert tensors stacked           (expert w_out from down_proj)
     stack_cat   E per-expert [gate; up], stacked       (expert w_in)
@@ -16,12 +16,13 @@ layout of the original checkpoints); a folder with fused `experts.gate_up_proj`
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from moekit.models.hf.families import FAMILIES
-from moekit.models.hf.gpt_oss import deinterleave, interleave
+from moekit.models.hf.families import HF_FAMILIES
+from moekit.models.hf.families.gpt_oss import deinterleave, interleave
 
 # transform: (HF -> moekit, moekit -> HF)
 TRANSFORMS = {
@@ -40,7 +41,7 @@ class Recipe:
 
 
 def _layer_recipe(rest: str, pre: str, family: str, num_experts: int) -> Recipe:
-    n = FAMILIES.get(family).names
+    n = HF_FAMILIES.get(family).names
     moe = f"{pre}.{n.moe}"
     g, u, d = n.expert
     if rest == "attn_norm.weight":
@@ -105,6 +106,44 @@ def assemble(r: Recipe, get) -> torch.Tensor:
     if r.kind == "stack":
         return torch.stack([get(n) for n in r.names])
     return torch.stack([torch.cat([get(g), get(u)], dim=0) for g, u in r.names])
+
+
+def pieces(r: Recipe, out: torch.Tensor, fused: bool = False) -> list[tuple[str, torch.Tensor, Callable]]:
+    """`assemble` as writes into a preallocated `out`: (HF name, view of out, src -> view of
+    src) per piece, so the loader copies each piece straight from the file into place
+    (no stacked or converted temporary). `assemble` is the reference
+    (tests/test_hf_families.py checks both give the same tensors)."""
+    if fused:
+        return [(r.fused, out, _same)]
+    if r.kind == "copy":
+        return _copy_pieces(r.names[0], r.transform, out)
+    if r.kind == "cat":
+        half = out.shape[0] // 2
+        return [(r.names[0], out[:half], _same), (r.names[1], out[half:], _same)]
+    if r.kind == "stack":
+        return [(n, out[e], _same) for e, n in enumerate(r.names)]
+    half = out.shape[1] // 2
+    return [p for e, (g, u) in enumerate(r.names)
+            for p in ((g, out[e, :half], _same), (u, out[e, half:], _same))]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _copy_pieces(name: str, transform: str | None, out: torch.Tensor) -> list:
+    """TRANSFORMS[...][0] as views: the interleaved gate/up columns land in out's halves."""
+    if transform is None:
+        return [(name, out, _same)]
+    if transform == "t":
+        return [(name, out, lambda s: s.transpose(1, 2))]
+    if transform == "deint":  # out (..., 2F) = [s[..., 0::2] | s[..., 1::2]]
+        half = out.shape[-1] // 2
+        return [(name, out[..., :half], lambda s: s[..., 0::2]),
+                (name, out[..., half:], lambda s: s[..., 1::2])]
+    half = out.shape[1] // 2  # t_deint: out (E, 2F, D) from s (E, D, 2F)
+    return [(name, out[:, :half], lambda s: s[..., 0::2].transpose(1, 2)),
+            (name, out[:, half:], lambda s: s[..., 1::2].transpose(1, 2))]
 
 
 def split(r: Recipe, t: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -9,7 +9,9 @@ from moekit.moe.router import (  # noqa: F401  (imported to register)
     noisy_topk,
     soft,
     soft_moe,
+    softmax_group_limited,
     topk_sigmoid,
+    topk_sigmoid_plain,
     topk_softmax,
 )
 from moekit.moe.router.base import ROUTERS, Router

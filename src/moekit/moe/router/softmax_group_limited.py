@@ -40,16 +40,3 @@ class SoftmaxGroupLimitedRouter(Router):
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.cfg.routed_scaling_factor
         return Routing(ids_TK, weights_TK, logits_TE, probs_TE)
-
-
-@ROUTERS.register("topk_sigmoid_plain")
-class TopKSigmoidPlainRouter(Router):
-    """Llama 4: the top-k logits, each weight σ(logit) on its own (no normalisation,
-    no balancing bias)."""
-
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
-        logits_TE = self.logits(x_TD)
-        ids_TK = topk_ids(logits_TE, self.top_k)
-        weights_TK = torch.sigmoid(logits_TE.gather(-1, ids_TK))
-        scores_TE = torch.sigmoid(logits_TE)
-        return Routing(ids_TK, weights_TK, logits_TE, scores_TE / scores_TE.sum(-1, keepdim=True))

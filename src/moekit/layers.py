@@ -40,8 +40,10 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) · wᵀ + b -> (..., N); torch's F.linear wherever gemm would not help."""
-    if settings.get().gemm == "torch" or x.device.type != "cpu" or x.dtype != w_NK.dtype:
+    """x (..., K) · wᵀ + b -> (..., N); torch's F.linear wherever gemm would not help, and
+    under autocast (which then computes in its dtype, as for any nn.Linear)."""
+    if (settings.get().gemm == "torch" or x.device.type != "cpu" or x.dtype != w_NK.dtype
+            or torch.is_autocast_enabled("cpu")):
         return nn.functional.linear(x, w_NK, b_N)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_NK, b_N)):
         return _Linear.apply(x, w_NK, b_N)

@@ -2,7 +2,7 @@
 reference beside it.
 
 h_mN = [g | u] (m rows, N = 2F), the first n rows real and weighted by w_n (the routing
-weights), the rest zero padding (moe/experts/grouped.py):
+weights), the rest zero padding (moe/experts/cpu/chunked.py):
 
     forward   a = silu(g) · u · w           (w = 1 where not given)
     backward  given ub = the gradient reaching a·w's factor a (dy · W_out):

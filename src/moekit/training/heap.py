@@ -8,7 +8,7 @@ pages: a page fault and a zero fill for every 4 KiB touched. How often that happ
 depends on the process's allocation history, so it varies from run to run.
 
 Measured on the `tiny` preset and its dense twin (2 threads, minor faults counted with
-getrusage over steps 120-250 of one process, session 9): with glibc's defaults,
+getrusage over steps 120-250 of one process): with glibc's defaults,
 109-1287 per MoE step and 400-875 per dense step over three runs; with this called after
 the imports, as `moekit train` does, 4.9-8.8 and 0.1 over two runs (0.6 and 4.1 with the
 same thresholds set through the environment before start). Step medians in one pair of

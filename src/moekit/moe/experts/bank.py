@@ -126,8 +126,14 @@ class ExpertBank(Experts):
         return f"experts={E}, d_model={D}, d_ff={self.w_out.shape[2]}, kind={self.act.name}, impl={self.impl}"
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Experts and the weighted combine: y_TD = Σ_r w_r · expert_{e(r)}(x_{t(r)})."""
-        return self._fn(x_TD, plan, self.w_in, self.w_out, self.act, self.cpu_state)
+        """Experts and the weighted combine: y_TD = Σ_r w_r · expert_{e(r)}(x_{t(r)}).
+        Under autocast the experts compute in autocast's dtype, as its matmuls do (the
+        casts of the weights are differentiable: gradients reach the fp32 masters)."""
+        w_in, w_out = self.w_in, self.w_out
+        if torch.is_autocast_enabled(x_TD.device.type):
+            dt = torch.get_autocast_dtype(x_TD.device.type)
+            x_TD, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
+        return self._fn(x_TD, plan, w_in, w_out, self.act, self.cpu_state)
 
     def prepare_for_inference(self) -> None:
         """Make what only inference uses (the CPU wing's packed weights, where its rows

@@ -44,7 +44,8 @@ class Router(nn.Module):
         dt = router_dtype(x_TD)
         w = self.weight.to(dt)
         b = None if self.bias is None else self.bias.to(dt)
-        return linear(x_TD.to(dt), w, b)
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 under bf16 autocast too
+            return linear(x_TD.to(dt), w, b)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         raise NotImplementedError

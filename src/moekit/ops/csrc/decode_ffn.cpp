@@ -13,7 +13,7 @@
 //           needs no second pass;
 //   pass 2  the output's D columns split over the threads: each adds every expert's
 //           W_out rows for its columns to y, so no two threads write the same element.
-// Reference: moe/experts/decode.py's torch path (the chunked expert bank and the shared
+// Reference: ops/decode_ffn.py's experts_step_reference and the staged layer (the expert bank and the shared
 // FFN); tests/test_decode.py holds the parity tests.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -272,7 +272,7 @@ void route_token(const RouteSpec& r, const float* l, float* p, int64_t* ids, flo
 }
 
 // The whole layer step for the top-k routers with dropless dispatch (moe/router/
-// topk_softmax.py, topk_sigmoid.py, ops/sort.py; moe/decode_step.py is the Python side
+// topk_softmax.py, topk_sigmoid.py, ops/sort.py; inference/fused_decode.py is the Python side
 // and names the staged path it must equal): fp32 logits x·Wᵀ (+ b) split over the
 // threads by expert rows; per token the router's ids and weights (route_token); the
 // slots sorted by (expert, choice, token) as sort_slots_by_expert; then

@@ -54,9 +54,8 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 
 namespace {
 
-// Blocks of the micro-kernel's products. A/B of whole `tiny` training steps: rows in
-// blocks of 32 took 1.027 of the time of 64, 128 took 0.994; a reduction in blocks of 128
-// took 1.014 of 256, 512 took 0.992 (all within the noise but 32 and 128).
+// Blocks of the micro-kernel's products: rows in blocks of 32 took 1.027x the time of 64
+// for whole `tiny` training steps (`python benchmarks/ab.py --mode step`, a build per size).
 constexpr int64_t MICRO_ROWS = 64, MICRO_DEPTH = 256;
 
 // C (M x N, row stride ldc) = A (M x K, lda) · B (K x N, ldb), plus C when add, on the
@@ -273,11 +272,11 @@ const int64_t* check_dst(const at::Tensor& out, const at::Tensor& dst, int64_t r
 
 // rows 0..n-1 of src (n, W) to the rows dst[0..n-1] of out, each times s[r] when s is given.
 // stream: with non-temporal stores where the rows are whole 64-byte lines, for outputs
-// that are read once, much later (the slot buffer of moe/experts/by_expert.py: 64 MiB on
+// that are read once, much later (the slot buffer of moe/experts/cpu/whole.py: 64 MiB on
 // the "many" layer, more than the caches hold): the lines are not read from memory
 // before being overwritten, and they do not evict the weights and rows still in use.
-// A/B (benchmarks/ab.py --switch stream, 40 rounds, twice): many forward 0.968 and
-// 0.969 of the time, fine forward 0.995.
+// many forward: 0.968 of the time of plain stores
+// (`python benchmarks/ab.py --config many --mode fwd --a stream=false --b stream=true`, AVX-512).
 void scatter_rows(const float* src, int64_t n, int64_t W, const int64_t* dst, const float* s, float* out,
                   bool stream) {
 #ifdef __AVX512F__

@@ -1,5 +1,5 @@
 // The SwiGLU expert bank's forward with threads owning tokens and experts' activations
-// in columns (moe/experts/by_expert.py: _columns says when it runs). A training forward
+// in columns (moe/experts/cpu/path.py says when it runs). A training forward
 // also writes each row's pre-activations for expert_bank.cpp's backward.
 //
 // Why: expert_bank.cpp's forward hands whole experts to threads. Their output rows land
@@ -15,8 +15,8 @@
 // Each thread reads every expert's weights (the two threads nearly together), and a
 // column count is padded to whole 16-wide vectors per expert and thread. A thread out
 // of work takes pieces of another's (bank_owned.h).
-// Measured on the "many" layer (benchmarks/ab.py --switch columns, forward, 2 threads)
-// against the whole-experts forward and sum_slots: see docs/design.md.
+// many forward: 0.887 of the time of whole experts and summed slots
+// (`python benchmarks/ab.py --config many --mode fwd --a kernel=whole --b kernel=columns`).
 //
 // A token's output is the sum of its rows' outputs in row order (experts in order), each
 // row's output one chain of FMAs per element: the result does not depend on the thread
@@ -200,7 +200,7 @@ int64_t bank_fwd_cols(const at::Tensor& x, const at::Tensor& tok, const at::Tens
 #else
 int64_t bank_fwd_cols(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef) {
-  TORCH_CHECK(false, "expert_bank_fwd_cols: built without AVX-512 (by_expert.py does not call it then)");
+  TORCH_CHECK(false, "expert_bank_fwd_cols: built without AVX-512 (cpu/path.py never chooses it then)");
 }
 #endif
 

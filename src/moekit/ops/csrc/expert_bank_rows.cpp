@@ -1,5 +1,5 @@
 // The SwiGLU expert bank's inference forward with threads owning tokens and activations
-// in rows, on a packed copy of the weights (moe/experts/packed.py lays it out; by_expert.py
+// in rows, on a packed copy of the weights (moe/experts/cpu/packed.py lays it out; cpu/path.py
 // says when it runs).
 //
 // Why: expert_bank_cols.cpp computes in columns, the expert's weight broadcast and its
@@ -64,7 +64,7 @@ void add_rows(const float* o, int64_t ldo, int64_t D, const int64_t* idx, int64_
 
 // y = Σ over each token's rows of w · (silu(x W_gᵀ) · x W_uᵀ) W_outᵀ. The rows are sorted
 // by expert, counts[e] of them for expert e. p_in (E, 2F·D) and p_out (E, F·D) hold the
-// weights packed (moe/experts/packed.py): W_in as panels (D x 32·gv) of gv gate columns'
+// weights packed (moe/experts/cpu/packed.py): W_in as panels (D x 32·gv) of gv gate columns'
 // vectors and the same up columns, gv = 2 but the last (F/16 odd: 1); W_out as panels
 // (F x 16·nv) of nv output vectors, nv = 4 but the last. Returns how many pieces threads
 // took from other threads' tokens.
@@ -184,7 +184,7 @@ int64_t bank_fwd_rows(const at::Tensor& x, const at::Tensor& tok, const at::Tens
 #else
 int64_t bank_fwd_rows(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&) {
-  TORCH_CHECK(false, "expert_bank_fwd_rows: built without AVX-512 (by_expert.py does not call it then)");
+  TORCH_CHECK(false, "expert_bank_fwd_rows: built without AVX-512 (cpu/path.py never chooses it then)");
 }
 #endif
 

@@ -5,7 +5,7 @@
 // Why not oneDNN's brgemm (the bank's other products): it wants the weight as B in rows
 // (K x N), so every forward transposed each expert's weights first, and that transpose
 // read the 96 MiB of the "many" layer's weights from memory at ~13 GB/s a core, a cold
-// miss at a time (session 11: 7.1 of ~74 thread-ms). With the weight as A, each register
+// miss at a time (7.1 of ~74 thread-ms per forward, per-thread timers). With the weight as A, each register
 // tile reads MR weight rows, and while it computes, the next tile's rows are prefetched:
 // the weights stream in behind the FMAs. Single-thread harness (M=256 K=512, weights of
 // 128 experts cycled, B hot): 212-227 GFLOP/s with cold weights for 48-192 columns,
@@ -102,8 +102,8 @@ constexpr int64_t L1_PANEL_BYTES = 32 * 1024;
 // stride next_lda).
 // Loop order: for a short K (W_out · aᵀ: K = F) the B panels fit L1, and the panels go
 // outermost, each reused by every row tile from L1; A is then read once per panel (from
-// L2 after the first). In-process A/B on the "many" layer's forward: 0.988 and 0.985 of
-// the time of rows outermost. For a long K (W_in · xᵀ: K = D) rows go outermost, and a
+// L2 after the first): the "many" forward took 0.988 of the time of rows outermost
+// (benchmarks/ab.py with a build of each order). For a long K (W_in · xᵀ: K = D) rows go outermost, and a
 // tile's weight rows stay in L1 over its panels (panels outermost measured the same there,
 // 1.001 and 0.995).
 inline void gemm(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

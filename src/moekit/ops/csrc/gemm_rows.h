@@ -1,7 +1,7 @@
 // C = A · B on one thread for the expert bank's inference forward in rows
 // (expert_bank_rows.cpp): A is a few token rows wherever they lie (rows of x read in
 // place, or the SwiGLU's output rows), B one panel of an expert's weight packed by
-// moe/experts/packed.py: K x 16·NV floats, contiguous, the transposed weight's columns.
+// moe/experts/cpu/packed.py: K x 16·NV floats, contiguous, the transposed weight's columns.
 //
 // This is gemm_cols.h with the operands' roles swapped. There the weight is broadcast and
 // the tokens fill the vectors, so each expert's tokens are padded to whole 16-wide vectors

@@ -49,7 +49,7 @@ void index_add_rows_(const at::Tensor& y, const at::Tensor& idx, const at::Tenso
 // y (T, D) = src (T·K, D) summed over each token's K slots, k = 0, 1, ... in that order
 // (ops/rows.py: sum_slots_reference adds them in the same order, so the two agree
 // bit for bit). Each output row is written once: no zero fill and no read of y, which
-// the scatter-add needs (moe/experts/by_expert.py says when each is used).
+// the scatter-add needs (moe/experts/cpu/whole.py says when each is used).
 at::Tensor sum_slots(const at::Tensor& src, int64_t K) {
   TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 2 && src.is_contiguous(),
               "sum_slots: src must be a contiguous CPU float32 (T*K, D) matrix");

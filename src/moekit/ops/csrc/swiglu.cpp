@@ -1,7 +1,7 @@
 // SwiGLU for the expert bank, forward and backward each in one pass over the rows.
 //
 // h = [g | u] (the fused gate/up product), a = silu(g) * u, scaled by the row's routing
-// weight w. The torch version (moe/experts/grouped.py: _act_fwd/_act_bwd, the
+// weight w. The torch version (moe/experts/cpu/chunked.py: _act_fwd/_act_grads, the
 // reference) makes 3 passes in the forward (silu, mul, scale) and 8 in the backward
 // (silu and mul to recompute a, a dot with the output gradient for dw, two scalings,
 // two muls and silu_backward), each a read and write of an R x F array; here each

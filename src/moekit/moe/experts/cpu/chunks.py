@@ -1,5 +1,5 @@
 """How the CPU expert paths walk expert-sorted rows: chunks of at most max_rows rows,
-each a list of per-expert segments (grouped.py's chunk loop, by_expert.py's C++ calls)."""
+each a list of per-expert segments (chunked.py's loop, whole.py's C++ calls)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ Segments = list[tuple[int, int, int]]  # (expert, row start, row end) inside a c
 def plan_chunks(counts: list[int], max_rows: int, one_expert: bool = False
                 ) -> list[tuple[int, int, Segments]]:
     """Split expert-sorted rows into chunks of at most max_rows rows; with one_expert,
-    a chunk never holds rows of two experts (see grouped.py: _padded_path)."""
+    a chunk never holds rows of two experts (chunked.py: oneDNN's padded products)."""
     chunks: list[tuple[int, int, Segments]] = []
     segs: Segments = []
     r0 = n = 0
